@@ -15,10 +15,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from retrv_jax import parallel
 from retrv_jax.models import axes
 
 Initializer = nn.initializers.Initializer
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical axis names under the current mesh and rules.
+
+  A no-op outside `jax.set_mesh` / `nn.logical_axis_rules`; dimensions the mesh axes do
+  not divide stay replicated (see `retrv_jax.parallel.logical_to_spec`).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return x
+  spec = parallel.logical_to_spec(names, x.shape, mesh.shape, rules)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def dtype_of(name: str) -> jnp.dtype:

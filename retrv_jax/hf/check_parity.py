@@ -1,0 +1,254 @@
+"""Logit parity of the Flax model against Hugging Face transformers on one checkpoint.
+
+  python -m retrv_jax.hf.check_parity --hf_dir DIR [--image PATH ...] [--prompt TEXT] \
+      [--atol 1e-4] [--dtype float32]
+
+Both models see the same inputs. With a processor (tokenizer + preprocessor_config.json)
+in DIR, the prompt and images go through it; otherwise the prompt is random token ids and
+the images (a synthetic one by default) go through `retrv_jax.data.images`. Prints the
+max |logit difference|, KL(hf || ours) mean and max over tokens and top-1 agreement, and
+exits non-zero when the max difference exceeds --atol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from retrv_jax.data import images as images_lib
+from retrv_jax.hf import io
+from retrv_jax.models.config import ModelConfig
+
+NUM_RANDOM_TEXT_TOKENS = 8  # Random text ids before and after the images.
+SYNTHETIC_IMAGE_SHAPE = (112, 140, 3)  # 8 x 10 patches: the 4 x 5 merged grid has ragged windows.
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityReport:
+  """How far our logits are from transformers' on the same inputs (float64 statistics)."""
+
+  max_abs_diff: float  # max |logit_hf - logit_ours| over tokens and vocab.
+  kl_mean: float  # Mean over tokens of KL(softmax hf || softmax ours), nats.
+  kl_max: float
+  top1_agreement: float  # Fraction of tokens whose argmax agrees.
+  num_tokens: int
+  atol: float
+
+  @property
+  def ok(self) -> bool:
+    return bool(self.max_abs_diff <= self.atol)
+
+  def summary(self) -> str:
+    verdict = "OK" if self.ok else f"FAIL (atol {self.atol:g})"
+    return (
+        f"tokens {self.num_tokens}  max|dlogit| {self.max_abs_diff:.3e}  "
+        f"KL mean {self.kl_mean:.3e} max {self.kl_max:.3e}  "
+        f"top-1 agreement {self.top1_agreement:.4f}  {verdict}"
+    )
+
+
+def logit_stats(hf_logits: np.ndarray, our_logits: np.ndarray, mask: np.ndarray, atol: float
+                ) -> ParityReport:
+  """Compares `[b, t, vocab]` logits on the tokens where `mask [b, t]` is true."""
+  if hf_logits.shape != our_logits.shape:
+    raise ValueError(f"logit shapes differ: hf {hf_logits.shape}, ours {our_logits.shape}")
+  keep = np.asarray(mask, bool)
+  a = hf_logits[keep].astype(np.float64)
+  b = our_logits[keep].astype(np.float64)
+  log_p = a - _logsumexp(a)
+  log_q = b - _logsumexp(b)
+  kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+  return ParityReport(
+      max_abs_diff=float(np.max(np.abs(a - b))),
+      kl_mean=float(np.mean(kl)),
+      kl_max=float(np.max(kl)),
+      top1_agreement=float(np.mean(np.argmax(a, -1) == np.argmax(b, -1))),
+      num_tokens=int(keep.sum()),
+      atol=atol,
+  )
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+  top = np.max(x, axis=-1, keepdims=True)
+  return top + np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))
+
+
+def _has_processor(hf_dir: str) -> bool:
+  has_tokenizer = any(
+      os.path.exists(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")
+  )
+  return has_tokenizer and os.path.exists(os.path.join(hf_dir, "preprocessor_config.json"))
+
+
+def build_inputs(
+    hf_dir: str,
+    config: ModelConfig,
+    *,
+    images: Sequence[Any] = (),
+    prompt: str | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+  """Model inputs for one row: input_ids, attention_mask `[1, t]`, pixel_values, image_grid_thw.
+
+  `images` are paths, PIL images or uint8 arrays; none means one synthetic random image.
+  """
+  rng = np.random.default_rng(seed)
+  if not images:
+    images = [rng.integers(0, 256, SYNTHETIC_IMAGE_SHAPE, dtype=np.uint8)]
+  if _has_processor(hf_dir):
+    return _processor_inputs(hf_dir, config, images, prompt or "Describe the image.")
+  if prompt is not None:
+    raise ValueError(f"--prompt needs a tokenizer and preprocessor_config.json in {hf_dir}")
+  image_config = _image_config(hf_dir, config)
+  processed = images_lib.preprocess_images(list(images), image_config)
+  special = min(config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                config.vision_end_token_id)
+
+  def text() -> list[int]:
+    return rng.integers(3, min(special, config.vocab_size), NUM_RANDOM_TEXT_TOKENS).tolist()
+
+  ids = text()
+  for count in processed.num_tokens:
+    ids += [config.vision_start_token_id, *[config.image_token_id] * count,
+            config.vision_end_token_id]
+  ids += text()
+  input_ids = np.asarray([ids], np.int64)
+  return {
+      "input_ids": input_ids,
+      "attention_mask": np.ones_like(input_ids),
+      "pixel_values": processed.pixel_values,
+      "image_grid_thw": processed.image_grid_thw,
+  }
+
+
+def _image_config(hf_dir: str, config: ModelConfig) -> images_lib.ImageConfig:
+  if os.path.exists(os.path.join(hf_dir, "preprocessor_config.json")):
+    return images_lib.ImageConfig.from_preprocessor_config(hf_dir)
+  v = config.vision
+  return images_lib.ImageConfig(
+      patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+      temporal_patch_size=v.temporal_patch_size,
+  )
+
+
+def _processor_inputs(hf_dir: str, config: ModelConfig, images: Sequence[Any], prompt: str
+                      ) -> dict[str, np.ndarray]:
+  from PIL import Image
+  from transformers import AutoProcessor
+
+  processor = AutoProcessor.from_pretrained(hf_dir)
+  pil = [Image.fromarray(x) if isinstance(x, np.ndarray) else
+         Image.open(x).convert("RGB") if isinstance(x, (str, os.PathLike)) else x for x in images]
+  vision = f"<|vision_start|>{processor.image_token}<|vision_end|>" * len(pil)
+  out = processor(text=[vision + prompt], images=pil, return_tensors="np")
+  return {
+      "input_ids": np.asarray(out["input_ids"], np.int64),
+      "attention_mask": np.asarray(out["attention_mask"], np.int64),
+      "pixel_values": np.asarray(out["pixel_values"], np.float32),
+      "image_grid_thw": np.asarray(out["image_grid_thw"], np.int64),
+  }
+
+
+def hf_logits(hf_dir: str, inputs: dict[str, np.ndarray], config: ModelConfig, dtype: str
+              ) -> np.ndarray:
+  """transformers' logits `[b, t, vocab]` as float32 numpy."""
+  import torch
+  from transformers import Qwen2_5_VLForConditionalGeneration
+
+  model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
+  model.eval()
+  input_ids = torch.from_numpy(inputs["input_ids"])
+  # transformers v5 needs the modality of each token to compute M-RoPE positions.
+  mm_token_type_ids = (input_ids == config.image_token_id).to(torch.int32)
+  with torch.no_grad():
+    out = model(
+        input_ids=input_ids,
+        attention_mask=torch.from_numpy(inputs["attention_mask"]),
+        pixel_values=torch.from_numpy(inputs["pixel_values"]).to(model.dtype),
+        image_grid_thw=torch.from_numpy(inputs["image_grid_thw"]),
+        mm_token_type_ids=mm_token_type_ids,
+    )
+  return out.logits.float().numpy()
+
+
+def flax_logits(config: ModelConfig, params: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
+  """Our logits `[b, t, vocab]` as float32 numpy."""
+  from retrv_jax.models.qwen2_5_vl import Qwen25VL
+
+  logits = Qwen25VL(config).apply(
+      {"params": params},
+      inputs["input_ids"].astype(np.int32),
+      pixel_values=inputs["pixel_values"].astype(config.dtype),
+      image_grid_thw=inputs["image_grid_thw"].astype(np.int32),
+      attention_mask=inputs["attention_mask"].astype(np.int32),
+  )
+  return np.asarray(logits, np.float32)
+
+
+def compare(
+    hf_dir: str | os.PathLike,
+    *,
+    images: Sequence[Any] = (),
+    prompt: str | None = None,
+    atol: float = 1e-4,
+    dtype: str = "float32",
+    params: Any = None,
+    seed: int = 0,
+) -> ParityReport:
+  """Runs transformers and the Flax model on the same inputs and compares their logits.
+
+  Args:
+    hf_dir: a Hugging Face Qwen2.5-VL checkpoint directory (the reference).
+    images: image paths (or PIL images / uint8 arrays); default one synthetic image.
+    prompt: text prompt; needs the checkpoint's tokenizer.
+    atol: tolerance on the max absolute logit difference.
+    dtype: params and compute dtype of both models ('float32' or 'bfloat16').
+    params: Flax params to test instead of those imported from `hf_dir`.
+    seed: seed of the random text ids and the synthetic image.
+  """
+  hf_dir = os.fspath(hf_dir)
+  config, loaded = io.load_pretrained(hf_dir, dtype=dtype)
+  if params is not None:
+    config = config.replace(scan_layers=io.is_scanned(params))
+  config = config.replace(dtype=dtype)
+  inputs = build_inputs(hf_dir, config, images=images, prompt=prompt, seed=seed)
+  ours = flax_logits(config, loaded if params is None else params, inputs)
+  theirs = hf_logits(hf_dir, inputs, config, dtype)
+  return logit_stats(theirs, ours, inputs["attention_mask"], atol)
+
+
+def main(argv: Sequence[str]) -> int:
+  from absl import flags
+
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  values = flags.FLAGS
+  report = compare(
+      values.hf_dir, images=values.image, prompt=values.prompt, atol=values.atol,
+      dtype=values.dtype,
+  )
+  print(report.summary())
+  return 0 if report.ok else 1
+
+
+def _define_flags() -> None:
+  """Flags exist only when run as a program, so importing `compare` defines none."""
+  from absl import flags
+
+  flags.DEFINE_string("hf_dir", None, "Hugging Face Qwen2.5-VL checkpoint directory.")
+  flags.DEFINE_multi_string("image", [], "Image file(s); default: one synthetic image.")
+  flags.DEFINE_string("prompt", None, "Text prompt (needs the checkpoint's tokenizer).")
+  flags.DEFINE_float("atol", 1e-4, "Tolerance on max |logit difference|.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params and compute dtype.")
+  flags.mark_flag_as_required("hf_dir")
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)
