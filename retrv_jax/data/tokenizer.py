@@ -23,8 +23,11 @@ resized (new rows start at the mean of the trained rows):
 Qwen pads its embedding matrix (151936 rows for 151665 tokens), so the new ids usually fit
 and `num_old_tokens` re-initialises their untrained rows instead of growing the matrix.
 
-The shipped tiny model is produced by
-  python -m retrv_jax.data.tokenizer --train_tiny --data_dir DIR --out PATH
+The shipped tiny model (`assets/tiny_tokenizer.model`) is produced, deterministically, by
+  python -m retrv_jax.data.synthetic --out /tmp/synth --seed 0
+  python -m retrv_jax.data.tokenizer --train_tiny --data_dir /tmp/synth \
+      --out retrv_jax/data/assets/tiny_tokenizer.model
+and must be rebuilt (and the tiny model retrained) when the benchmark's texts change.
 """
 
 from __future__ import annotations
@@ -155,22 +158,18 @@ class Tokenizer(abc.ABC):
   def _required_id(self, token: str) -> int:
     token_id = self.token_to_id(token)
     if token_id is None:
-      raise KeyError(f"tokenizer has no token {token!r}")
-    return token_id
-
-  def _check_specials(self, where: str) -> None:
-    missing = [t for t in TINY_SPECIAL_TOKENS if self.token_to_id(t) is None]
-    if missing:
-      raise ValueError(
-          f"{where}: tokenizer lacks the special tokens {missing}; for a Qwen checkpoint call "
+      raise KeyError(
+          f"tokenizer has no token {token!r}; for a Qwen checkpoint call "
           "retrv_jax.data.tokenizer.add_retrv_tokens(checkpoint_dir) first"
       )
+    return token_id
 
 
 class HFTokenizer(Tokenizer):
   """A Hugging Face `tokenizers` tokenizer (a Qwen2.5-VL `tokenizer.json`).
 
-  It must already hold every token of `TINY_SPECIAL_TOKENS`; `add_retrv_tokens` adds them.
+  It must hold Qwen's chat and vision tokens; the Retrv-R1 tokens (`RETRV_TOKENS`, added by
+  `add_retrv_tokens`) are only needed by what uses them: a missing one raises on access.
   """
 
   def __init__(
@@ -183,9 +182,10 @@ class HFTokenizer(Tokenizer):
     self._special = frozenset(
         i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
     )
-    self._check_specials(where or "HFTokenizer")
-    if tokenizer.token_to_id(pad_token) is None:
-      raise ValueError(f"{where or 'HFTokenizer'}: pad token {pad_token!r} is not in the vocab")
+    required = [pad_token, *TINY_SPECIAL_TOKENS[: -len(RETRV_TOKENS)]]
+    missing = [t for t in required if tokenizer.token_to_id(t) is None]
+    if missing:
+      raise ValueError(f"{where or 'HFTokenizer'}: the vocabulary lacks the tokens {missing}")
     self._pad = tokenizer.token_to_id(pad_token)
 
   @classmethod
@@ -431,7 +431,7 @@ def train_tiny_tokenizer(
 ) -> TinyTokenizer:
   """Trains the tiny sentencepiece model on `texts` and writes it to `out_path` (atomically).
 
-  Unigram model, identity normalisation (text round-trips exactly: spaces, newlines, case),
+  BPE model, identity normalisation (text round-trips exactly: spaces, newlines, case),
   no dummy prefix, byte fallback (no unknown characters), digits and newline as single
   tokens. Deterministic for the same texts. Special-token strings in the texts are cut out.
   """
@@ -440,13 +440,14 @@ def train_tiny_tokenizer(
   spm.SentencePieceTrainer.train(
       sentence_iterator=_training_lines(texts, special),
       model_writer=model,
-      model_type="unigram",
+      model_type="bpe",
       vocab_size=vocab_size - TINY_NUM_RESERVED,
       hard_vocab_limit=False,  # A small corpus may give fewer pieces; the gap stays unused.
       normalization_rule_name="identity",
       remove_extra_whitespaces=False,
       add_dummy_prefix=False,
       byte_fallback=True,
+      character_coverage=1.0,  # Every character seen is a piece; bytes only for unseen ones.
       user_defined_symbols=["\n", *"0123456789"],
       pad_id=0,
       unk_id=1,
@@ -496,7 +497,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.error("nothing to do: pass --train_tiny")
   from retrv_jax.data import prompts, synthetic  # Deferred: only the CLI needs them.
 
-  texts = itertools.chain(synthetic.iter_corpus_text(args.data_dir), prompts.template_texts())
+  # Templates are repeated so that their words become whole pieces like the corpus's words.
+  templates = list(prompts.template_texts()) * 100
+  texts = itertools.chain(synthetic.iter_corpus_text(args.data_dir), templates)
   tok = train_tiny_tokenizer(texts, args.out, vocab_size=args.vocab_size)
   print(f"wrote {args.out}: {tok.num_pieces} pieces, vocab_size {tok.vocab_size}")
 
