@@ -3,9 +3,9 @@
   python -m retrv_jax.hf.check_parity --hf_dir DIR [--image PATH ...] [--prompt TEXT] \
       [--atol 1e-4] [--dtype float32]
 
-Both models see the same inputs. With a processor (tokenizer + preprocessor_config.json)
-in DIR, the prompt and images go through it; otherwise the prompt is random token ids and
-the images (a synthetic one by default) go through `retrv_jax.data.images`. Prints the
+Both models see the same inputs: the images (a synthetic one by default) preprocessed by
+`retrv_jax.data.images` (as the checkpoint's preprocessor_config.json says, if present),
+then the prompt through the checkpoint's tokenizer, or random text ids. Prints the
 max |logit difference|, KL(hf || ours) mean and max over tokens and top-1 agreement, and
 exits non-zero when the max difference exceeds --atol.
 """
@@ -21,6 +21,7 @@ import numpy as np
 
 from retrv_jax.data import images as images_lib
 from retrv_jax.hf import io
+from retrv_jax.hf.config import model_config_from_hf
 from retrv_jax.models.config import ModelConfig
 
 NUM_RANDOM_TEXT_TOKENS = 8  # Random text ids before and after the images.
@@ -77,13 +78,6 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
   return top + np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))
 
 
-def _has_processor(hf_dir: str) -> bool:
-  has_tokenizer = any(
-      os.path.exists(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")
-  )
-  return has_tokenizer and os.path.exists(os.path.join(hf_dir, "preprocessor_config.json"))
-
-
 def build_inputs(
     hf_dir: str,
     config: ModelConfig,
@@ -92,37 +86,48 @@ def build_inputs(
     prompt: str | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-  """Model inputs for one row: input_ids, attention_mask `[1, t]`, pixel_values, image_grid_thw.
+  """Inputs for one row: input_ids, attention_mask `[1, t]`, pixel_values, image_grid_thw.
 
+  Token layout: `[text] (<vision_start> <image_pad> * n <vision_end>) per image [text]`,
+  where the text is random ids, or the tokenized `prompt` (after the images) when given.
   `images` are paths, PIL images or uint8 arrays; none means one synthetic random image.
+  Images go through `retrv_jax.data.images` (equal to the HF processor), configured by
+  the checkpoint's preprocessor_config.json when it has one.
   """
   rng = np.random.default_rng(seed)
   if not images:
     images = [rng.integers(0, 256, SYNTHETIC_IMAGE_SHAPE, dtype=np.uint8)]
-  if _has_processor(hf_dir):
-    return _processor_inputs(hf_dir, config, images, prompt or "Describe the image.")
-  if prompt is not None:
-    raise ValueError(f"--prompt needs a tokenizer and preprocessor_config.json in {hf_dir}")
-  image_config = _image_config(hf_dir, config)
-  processed = images_lib.preprocess_images(list(images), image_config)
+  processed = images_lib.preprocess_images(list(images), _image_config(hf_dir, config))
   special = min(config.image_token_id, config.video_token_id, config.vision_start_token_id,
                 config.vision_end_token_id)
 
-  def text() -> list[int]:
+  def random_text() -> list[int]:
     return rng.integers(3, min(special, config.vocab_size), NUM_RANDOM_TEXT_TOKENS).tolist()
 
-  ids = text()
+  before, after = ([], _tokenize(hf_dir, prompt)) if prompt else (random_text(), random_text())
+  ids = list(before)
   for count in processed.num_tokens:
     ids += [config.vision_start_token_id, *[config.image_token_id] * count,
             config.vision_end_token_id]
-  ids += text()
-  input_ids = np.asarray([ids], np.int64)
+  input_ids = np.asarray([ids + after], np.int64)
   return {
       "input_ids": input_ids,
       "attention_mask": np.ones_like(input_ids),
       "pixel_values": processed.pixel_values,
       "image_grid_thw": processed.image_grid_thw,
   }
+
+
+def _tokenize(hf_dir: str, prompt: str) -> list[int]:
+  if not any(os.path.exists(os.path.join(hf_dir, name))
+             for name in ("tokenizer.json", "tokenizer_config.json")):
+    raise ValueError(f"--prompt needs a tokenizer in {hf_dir} (tokenizer.json)")
+  from transformers import AutoTokenizer
+
+  ids = AutoTokenizer.from_pretrained(hf_dir)(prompt, add_special_tokens=False)["input_ids"]
+  if not ids:
+    raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
+  return list(ids)
 
 
 def _image_config(hf_dir: str, config: ModelConfig) -> images_lib.ImageConfig:
@@ -133,24 +138,6 @@ def _image_config(hf_dir: str, config: ModelConfig) -> images_lib.ImageConfig:
       patch_size=v.patch_size, merge_size=v.spatial_merge_size,
       temporal_patch_size=v.temporal_patch_size,
   )
-
-
-def _processor_inputs(hf_dir: str, config: ModelConfig, images: Sequence[Any], prompt: str
-                      ) -> dict[str, np.ndarray]:
-  from PIL import Image
-  from transformers import AutoProcessor
-
-  processor = AutoProcessor.from_pretrained(hf_dir)
-  pil = [Image.fromarray(x) if isinstance(x, np.ndarray) else
-         Image.open(x).convert("RGB") if isinstance(x, (str, os.PathLike)) else x for x in images]
-  vision = f"<|vision_start|>{processor.image_token}<|vision_end|>" * len(pil)
-  out = processor(text=[vision + prompt], images=pil, return_tensors="np")
-  return {
-      "input_ids": np.asarray(out["input_ids"], np.int64),
-      "attention_mask": np.asarray(out["attention_mask"], np.int64),
-      "pixel_values": np.asarray(out["pixel_values"], np.float32),
-      "image_grid_thw": np.asarray(out["image_grid_thw"], np.int64),
-  }
 
 
 def hf_logits(hf_dir: str, inputs: dict[str, np.ndarray], config: ModelConfig, dtype: str
@@ -177,15 +164,20 @@ def hf_logits(hf_dir: str, inputs: dict[str, np.ndarray], config: ModelConfig, d
 
 def flax_logits(config: ModelConfig, params: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
   """Our logits `[b, t, vocab]` as float32 numpy."""
+  import jax
+
   from retrv_jax.models.qwen2_5_vl import Qwen25VL
 
-  logits = Qwen25VL(config).apply(
-      {"params": params},
-      inputs["input_ids"].astype(np.int32),
-      pixel_values=inputs["pixel_values"].astype(config.dtype),
-      image_grid_thw=inputs["image_grid_thw"].astype(np.int32),
-      attention_mask=inputs["attention_mask"].astype(np.int32),
-  )
+  # float32 parity needs float32 matmuls; TPUs otherwise multiply in bfloat16 passes.
+  precision = "highest" if config.dtype == "float32" else "default"
+  with jax.default_matmul_precision(precision):
+    logits = Qwen25VL(config).apply(
+        {"params": params},
+        inputs["input_ids"].astype(np.int32),
+        pixel_values=inputs["pixel_values"].astype(config.dtype),
+        image_grid_thw=inputs["image_grid_thw"].astype(np.int32),
+        attention_mask=inputs["attention_mask"].astype(np.int32),
+    )
   return np.asarray(logits, np.float32)
 
 
@@ -211,14 +203,29 @@ def compare(
     seed: seed of the random text ids and the synthetic image.
   """
   hf_dir = os.fspath(hf_dir)
-  config, loaded = io.load_pretrained(hf_dir, dtype=dtype)
-  if params is not None:
-    config = config.replace(scan_layers=io.is_scanned(params))
+  if params is None:
+    config, params = io.load_pretrained(hf_dir, dtype=dtype)
+  else:
+    config = model_config_from_hf(hf_dir, param_dtype=dtype, scan_layers=io.is_scanned(params))
   config = config.replace(dtype=dtype)
   inputs = build_inputs(hf_dir, config, images=images, prompt=prompt, seed=seed)
-  ours = flax_logits(config, loaded if params is None else params, inputs)
+  ours = flax_logits(config, params, inputs)
   theirs = hf_logits(hf_dir, inputs, config, dtype)
   return logit_stats(theirs, ours, inputs["attention_mask"], atol)
+
+
+def run(
+    hf_dir: str,
+    *,
+    images: Sequence[str] = (),
+    prompt: str | None = None,
+    atol: float = 1e-4,
+    dtype: str = "float32",
+) -> int:
+  """Prints the parity report; returns the exit status (0 within `atol`, else 1)."""
+  report = compare(hf_dir, images=images, prompt=prompt, atol=atol, dtype=dtype)
+  print(report.summary())
+  return 0 if report.ok else 1
 
 
 def main(argv: Sequence[str]) -> int:
@@ -227,12 +234,8 @@ def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   values = flags.FLAGS
-  report = compare(
-      values.hf_dir, images=values.image, prompt=values.prompt, atol=values.atol,
-      dtype=values.dtype,
-  )
-  print(report.summary())
-  return 0 if report.ok else 1
+  return run(values.hf_dir, images=values.image, prompt=values.prompt, atol=values.atol,
+             dtype=values.dtype)
 
 
 def _define_flags() -> None:

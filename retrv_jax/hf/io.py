@@ -50,13 +50,17 @@ class _Reader:
   def __init__(self, path: str, stack: ExitStack):
     self.path = path
     files = self._files_by_key(path)
+    absent = sorted(n for n in set(files.values()) if not os.path.exists(os.path.join(path, n)))
+    if absent:
+      raise CheckpointError(f"{path}/{INDEX_FILE} names shard file(s) that are missing: {absent}")
     self._handles = {
         name: stack.enter_context(safe_open(os.path.join(path, name), framework="numpy"))
         for name in sorted(set(files.values()))
     }
+    stored_in = {name: set(handle.keys()) for name, handle in self._handles.items()}
     self._where: dict[str, tuple[str, str]] = {}
     for stored, name in files.items():
-      if stored not in self._handles[name].keys():
+      if stored not in stored_in[name]:
         raise CheckpointError(f"{path}/{INDEX_FILE}: key {stored} is not in {name}")
       hub = keys_lib.hub_key(stored)
       if hub in self._where:
