@@ -49,16 +49,16 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   """Resolves `{'data': d, 'fsdp': f, 'tensor': t}` with at most one -1 ('the rest')."""
   shape = [int(sizes[name]) for name in MESH_AXES]
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+    given = dict(zip(MESH_AXES, shape, strict=True))
+    raise ValueError(f"mesh: at most one axis may be -1, got {given}")
   known = math.prod(s for s in shape if s != -1)
   if any(s == 0 or s < -1 for s in shape) or num_devices % known:
-    raise ValueError(
-        f"mesh: sizes {dict(zip(MESH_AXES, shape))} do not divide {num_devices} devices"
-    )
+    given = dict(zip(MESH_AXES, shape, strict=True))
+    raise ValueError(f"mesh: sizes {given} do not divide {num_devices} devices")
   shape = [num_devices // known if s == -1 else s for s in shape]
   if math.prod(shape) != num_devices:
     raise ValueError(
-        f"mesh: sizes {dict(zip(MESH_AXES, shape))} use {math.prod(shape)} of "
+        f"mesh: sizes {dict(zip(MESH_AXES, shape, strict=True))} use {math.prod(shape)} of "
         f"{num_devices} devices; set one axis to -1 to take the rest"
     )
   return tuple(shape)
@@ -94,7 +94,7 @@ def logical_to_spec(
   """
   used: set[str] = set()
   spec = []
-  for name, size in zip(names, shape):
+  for name, size in zip(names, shape, strict=True):
     mesh_axes = tuple(a for a in _mesh_axes_of(name, rules) if a not in used)
     if mesh_axes and size % math.prod(axis_sizes[a] for a in mesh_axes) == 0:
       used.update(mesh_axes)

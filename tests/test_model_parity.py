@@ -10,8 +10,8 @@ parity must hold for any valid config, not only these.
 import numpy as np
 import pytest
 import torch
-
 from hf_models import save_hf_model, tiny_config
+
 from retrv_jax import config as config_lib
 from retrv_jax.hf import load_pretrained
 from retrv_jax.models.qwen2_5_vl import Qwen25VL

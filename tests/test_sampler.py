@@ -2,10 +2,10 @@
 
 import jax
 import numpy as np
+from test_kv_cache import CONFIG
 
 from retrv_jax.models import qwen2_5_vl
 from retrv_jax.rl import sampler
-from test_kv_cache import CONFIG
 
 
 def _prompts(side):

@@ -47,7 +47,7 @@ def reference():
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
 def test_sharded_forward_equals_single_device(reference, shape):
   params, expected = reference
-  mesh = parallel.create_mesh(dict(zip(parallel.MESH_AXES, shape)))
+  mesh = parallel.create_mesh(dict(zip(parallel.MESH_AXES, shape, strict=True)))
   rules = parallel.DEFAULT_RULES
   shardings = parallel.shardings_of(qwen2_5_vl.abstract_params(CONFIG), mesh, rules)
   sharded_params = jax.device_put(params, shardings)

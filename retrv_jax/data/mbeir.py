@@ -20,6 +20,7 @@ candidates open in one pass without holding records or images in memory.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import os
@@ -184,9 +185,7 @@ def read_queries(path: str, *, image_root: str, pool: CandidatePool | None = Non
   report, queries, seen = ReadReport(path), [], set()
   for line in rec.iter_jsonl(path):
     try:
-      if isinstance(line.record, RecordError):
-        raise line.record
-      f = Fields(path, line.number, line.record)
+      f = line.fields()
       q = _parse_query(f, file_task_id)
       if q.qid in seen:
         raise f.error("qid", rec.DUPLICATE_ID, f"qid {q.qid!r} appears twice")
@@ -234,12 +233,11 @@ class CandidatePool:
     self.report = ReadReport(path)
     self._verified: set[int] = set()
     self._file = None
-    keys, offsets, sizes, lines = [], [], [], []
+    keys, offsets = array.array("q"), array.array("q")  # Compact while scanning millions.
+    sizes, lines = array.array("i"), array.array("i")
     for line in rec.iter_jsonl(path):
       try:
-        if isinstance(line.record, RecordError):
-          raise line.record
-        f = Fields(path, line.number, line.record)
+        f = line.fields()
         c = _parse_candidate(f)
         if verify_images == "eager" and c.img_path:
           rec.check_image(f, "img_path", image_root, c.img_path, max_image_pixels)
@@ -250,9 +248,9 @@ class CandidatePool:
       offsets.append(line.offset)
       sizes.append(line.size)
       lines.append(line.number)
-    order = np.argsort(np.asarray(keys, np.int64), kind="stable")
-    self._keys = np.asarray(keys, np.int64)[order]
-    self._offsets = np.asarray(offsets, np.int64)[order]
+    order = np.argsort(np.frombuffer(keys, np.int64), kind="stable")
+    self._keys = np.frombuffer(keys, np.int64)[order]
+    self._offsets = np.frombuffer(offsets, np.int64)[order]
     self._sizes = np.asarray(sizes, np.int32)[order]
     self._lines = np.asarray(lines, np.int32)[order]
     self._drop_duplicates(on_error)
@@ -286,7 +284,7 @@ class CandidatePool:
 
   def _read(self, row: int) -> dict[str, Any]:
     if self._file is None:
-      self._file = open(self.path, "rb")  # noqa: SIM115 -- held for the pool's lifetime.
+      self._file = open(self.path, "rb")  # Held for the pool's lifetime; see close().
     raw = os.pread(self._file.fileno(), int(self._sizes[row]), int(self._offsets[row]))
     return json.loads(raw)
 
@@ -404,9 +402,7 @@ def read_stage1(path: str, *, pool: CandidatePool | None = None, k: int | None =
   report, out = ReadReport(path), {}
   for line in rec.iter_jsonl(path):
     try:
-      if isinstance(line.record, RecordError):
-        raise line.record
-      f = Fields(path, line.number, line.record)
+      f = line.fields()
       topk = _parse_topk(f, pool, k)
       if topk.qid in out:
         raise f.error("qid", rec.DUPLICATE_ID, f"qid {topk.qid!r} appears twice")
@@ -447,7 +443,7 @@ def iter_rerank_examples(layout: Layout, dataset: str, task_id: int, split: str,
   and counted in `report` (per-file problems are counted in the files' own reports).
   """
   query_path = layout.query_file(dataset, task_id, split)
-  report = report if report is not None else ReadReport(query_path)
+  report = report if report is not None else ReadReport(f"{query_path} (joined)")
   queries, _ = read_queries(query_path, image_root=layout.root, pool=pool, on_error=on_error,
                             verify_images=verify_images)
   stage1_path = layout.stage1_file(dataset, task_id, split)

@@ -81,10 +81,17 @@ def handle(err: RecordError, on_error: str, report: ReadReport, max_logged: int 
 
 
 class Line(NamedTuple):
+  path: str
   number: int  # 1-based.
   offset: int  # Byte offset of the line in the file.
   size: int  # Bytes, newline included.
   record: dict[str, Any] | RecordError
+
+  def fields(self) -> Fields:
+    """The parsed record's fields; raises the parse error if the line was not a JSON object."""
+    if isinstance(self.record, RecordError):
+      raise self.record
+    return Fields(self.path, self.number, self.record)
 
 
 def iter_jsonl(path: str) -> Iterator[Line]:
@@ -94,14 +101,17 @@ def iter_jsonl(path: str) -> Iterator[Line]:
     for number, raw in enumerate(f, start=1):
       start, offset = offset, offset + len(raw)
       if raw.strip():
-        yield Line(number, start, len(raw), parse_json_line(path, number, raw))
+        yield Line(path, number, start, len(raw), _parse_json_line(path, number, raw))
 
 
-def parse_json_line(path: str, number: int, raw: bytes) -> dict[str, Any] | RecordError:
+def _parse_json_line(path: str, number: int, raw: bytes) -> dict[str, Any] | RecordError:
   try:
     record = json.loads(raw)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    return RecordError(path, number, None, MALFORMED, f"malformed JSON ({e})")
+  except json.JSONDecodeError as e:
+    return RecordError(path, number, None, MALFORMED, f"malformed JSON: {e.msg} at column "
+                       f"{e.colno}")
+  except UnicodeDecodeError as e:
+    return RecordError(path, number, None, MALFORMED, f"malformed JSON: not UTF-8 ({e})")
   if not isinstance(record, dict):
     return RecordError(path, number, None, NOT_OBJECT,
                        f"expected a JSON object, got {type(record).__name__}")

@@ -23,8 +23,8 @@ Fields beyond the M-BEIR schema, read by the alignment / SFT / GRPO stages:
                  shows), `target` (the ideal target's scene) and, for task 7, `edit`;
                  `neg_cand_list` holds the hard negatives (one attribute from the positive);
                  `reference_cot` (train split only): the four-phase chain of thought of
-                 PAPER.md §4, whose candidate labels are 1-based positions in the query's
-                 stage-I `cand_list`.
+                 PAPER.md §4 in `prompts.format_response`'s format; its candidate labels
+                 are 1-based positions in the query's stage-I `cand_list`.
   pool record:   `description`: the ground-truth content description (the scene caption);
                  `src_content` is JSON with `scene`.
   stage-I record: `qid`, `cand_list` (K dids, the positive at a random rank), `scores`
@@ -46,13 +46,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from absl import app, flags, logging
 
+from retrv_jax.data import prompts
 from retrv_jax.data import scene as scene_lib
 from retrv_jax.data.scene import Scene, SceneSpec
 
 SPLITS = ("train", "val", "test")
-THINK_START, THINK_END = "<think>", "</think>"
-ANSWER_START, ANSWER_END = "<answer>", "</answer>"
-INSPECT_START, INSPECT_END = "<inspection-index-start>", "<inspection-index-end>"
 INSTRUCTIONS_HEADER = ("query_modality", "cand_modality", "dataset", "dataset_id",
                        "prompt_1", "prompt_2", "prompt_3", "prompt_4")
 
@@ -159,12 +157,14 @@ class _PairBuilder:
       text = s.caption()
     return _Item(index, s, int(rng.integers(2**31)), text, img_path)
 
-  def _fresh_scene(self, rng) -> Scene:
-    while True:
+  def _fresh_scene(self, rng, tries: int = 10_000) -> Scene:
+    for _ in range(tries):
       s = scene_lib.sample_scene(rng, self.config.scene)
       if s.key() not in self.used:
         self.used.add(s.key())
         return s
+    raise ValueError(f"SceneSpec {self.config.scene} is too small: {tries} draws found no "
+                     f"unused scene after {len(self.used)}; allow more objects or attributes")
 
   def _edited(self, rng, s: Scene, tries: int = 20) -> Scene | None:
     for _ in range(tries):
@@ -209,7 +209,7 @@ class _PairBuilder:
       src.update(scene=item.scene.to_json(), target=target.to_json())
       queries.append(_Query(item, target, positive, hard, src))
       pool.extend([positive, *hard])
-    while len(pool) < 2 * cfg.k:
+    while queries and len(pool) < 2 * cfg.k:
       pool.append(self._new_item(rng, split, "c", dids, self._fresh_scene(rng)))
     for q in queries:
       self._stage1(rng, split, q, dids)
@@ -256,7 +256,8 @@ def _labels(labels: Sequence[int]) -> str:
 
 def reference_cot(target_phrase: str, roles: Sequence[str], relations: Sequence[str],
                   max_inspections: int) -> str:
-  """The four-phase chain of thought (PAPER.md §4) from ground truth.
+  """The four-phase chain of thought (PAPER.md §4) from ground truth, in the response
+  format of `prompts.format_response` (one headed line per phase).
 
   roles[i] in {'positive', 'hard', 'easy'} and relations[i] describe candidate label i + 1.
   Inspected: the positive and the hard negatives (at most `max_inspections`, the positive
@@ -266,20 +267,20 @@ def reference_cot(target_phrase: str, roles: Sequence[str], relations: Sequence[
   hard = [i + 1 for i, r in enumerate(roles) if r == "hard"]
   inspected = sorted(([answer] + hard)[:max_inspections]) if hard else []
   eliminated = [i + 1 for i in range(len(roles)) if i + 1 != answer and i + 1 not in inspected]
-  parts = [f"{THINK_START}The target is {target_phrase}."]
+  elimination = "No candidate is clearly out."
   if eliminated:
     verb = "does" if len(eliminated) == 1 else "do"
-    parts.append(f" {_labels(eliminated)} clearly {verb} not match.")
+    elimination = f"{_labels(eliminated)} clearly {verb} not match."
   if inspected:
-    parts.append(f" {_labels(inspected)} look close, so I inspect them.")
-    for label in inspected:
-      parts.append(f" {INSPECT_START}{label}{INSPECT_END}Candidate {label} "
-                   f"{relations[label - 1]}.")
+    checks = [f"{prompts.inspection_tag(label)}Candidate {label} {relations[label - 1]}."
+              for label in inspected]
+    verification = " ".join([f"{_labels(inspected)} look close, so I inspect them.", *checks])
   else:
-    parts.append(f" Only candidate {answer} is left.")
-  parts.append(f" So the answer is candidate {answer}.{THINK_END}"
-               f"{ANSWER_START}{answer}{ANSWER_END}")
-  return "".join(parts)
+    verification = f"Only candidate {answer} is left."
+  return prompts.format_response(
+      target=f"The target is {target_phrase}.", elimination=elimination,
+      verification=verification, answer=answer,
+      conclusion=f"So the answer is candidate {answer}.")
 
 
 def _dumps(record: dict) -> str:

@@ -26,13 +26,13 @@ from jax.ad_checkpoint import checkpoint_name
 from retrv_jax.models import axes
 from retrv_jax.models.config import ModelConfig
 from retrv_jax.models.layers import (
-    constrain,
-    DenseGeneral,
-    RMSNorm,
-    apply_rotary,
-    dot_product_attention,
-    dtype_of,
-    remat_policy,
+  DenseGeneral,
+  RMSNorm,
+  apply_rotary,
+  constrain,
+  dot_product_attention,
+  dtype_of,
+  remat_policy,
 )
 
 

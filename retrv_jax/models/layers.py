@@ -70,9 +70,9 @@ class DenseGeneral(nn.Module):
         self.param_dtype,
     )
     x_letters = "".join(chr(ord("A") + i) for i in range(x.ndim))
-    contracted = x_letters[x.ndim - self.in_dims:]
+    batch, contracted = x_letters[: x.ndim - self.in_dims], x_letters[x.ndim - self.in_dims :]
     out_letters = "".join(chr(ord("a") + i) for i in range(len(features)))
-    spec = f"{x_letters},{contracted}{out_letters}->{x_letters[:x.ndim - self.in_dims]}{out_letters}"
+    spec = f"{x_letters},{contracted}{out_letters}->{batch}{out_letters}"
     y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param(
