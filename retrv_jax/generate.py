@@ -91,12 +91,14 @@ def main(argv: Sequence[str]) -> None:
       temperature=_TEMPERATURE.value,
       stop_token_ids=(tokenizer.eos,),
   )
+  rng = jax.random.key(config.seed)
   with jax.set_mesh(mesh), parallel.with_rules(tuple(config.mesh.rules)):
-    args = (model, params, ids, np.ones_like(ids), pixel_values, image_grid_thw,
-            jax.random.key(config.seed))
-    jax.block_until_ready(sampler.generate(*args, sampling=sampling))  # Compile.
+    inputs = sampler.PromptInputs.from_token_ids(model, params, ids, np.ones_like(ids),
+                                                 pixel_values, image_grid_thw)
+    run = lambda: sampler.rollout(model, params, inputs, rng, sampling=sampling)
+    jax.block_until_ready(run())  # Compile.
     start = time.perf_counter()
-    out = jax.block_until_ready(sampler.generate(*args, sampling=sampling))
+    out = jax.block_until_ready(run())
     seconds = time.perf_counter() - start
   n = int(out.lengths[0])
   text = tokenizer.decode(np.asarray(out.tokens[0, :n]).tolist())

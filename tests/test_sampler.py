@@ -1,22 +1,21 @@
-"""The cached greedy sampler agrees with full forwards, for left and right padding."""
+"""Greedy rollouts agree with full forwards and, token for token, with HF `generate`."""
 
 import jax
 import numpy as np
-from test_kv_cache import CONFIG
+import torch
 
+from hf_models import save_hf_model, tiny_config
+from retrv_jax.hf import load_pretrained
 from retrv_jax.models import qwen2_5_vl
 from retrv_jax.rl import sampler
+from test_kv_cache import CONFIG
 
 
-def _prompts(side):
-  rows = [[5, 6, 60] + [63] * 4 + [61, 7, 8], [9, 10, 11, 12]]
-  length = 10
-  ids = np.zeros((2, length), np.int32)
-  mask = np.zeros_like(ids)
+def _right_padded(rows, length):
+  ids = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
-    span = slice(0, len(row)) if side == "right" else slice(length - len(row), length)
-    ids[i, span], mask[i, span] = row, 1
-  return ids, mask
+    ids[i, : len(row)] = row
+  return ids, (ids != 0).astype(np.int32)
 
 
 def test_greedy_tokens_are_the_argmax_of_a_full_forward():
@@ -24,31 +23,49 @@ def test_greedy_tokens_are_the_argmax_of_a_full_forward():
   params = qwen2_5_vl.init_params(CONFIG, jax.random.key(3))
   grid = np.array([[1, 4, 4]], np.int32)
   pixels = np.random.default_rng(0).normal(size=(16, CONFIG.vision.patch_dim)).astype(np.float32)
-  sampling = sampler.SamplingParams(max_new_tokens=6, stop_token_ids=(2,))
-  outs = {}
-  for side in ("right", "left"):
-    ids, mask = _prompts(side)
-    outs[side] = sampler.generate(model, params, ids, mask, pixels, grid, jax.random.key(0),
-                                  sampling=sampling)
-  np.testing.assert_array_equal(outs["right"].tokens, outs["left"].tokens)
-  np.testing.assert_allclose(outs["right"].logprobs, outs["left"].logprobs, atol=1e-5)
+  ids, mask = _right_padded([[5, 6, 60] + [63] * 4 + [61, 7, 8], [9, 10, 11, 12]], 10)
+  sampling = sampler.SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=(2,))
+  inputs = sampler.PromptInputs.from_token_ids(model, params, ids, mask, pixels, grid)
+  out = sampler.rollout(model, params, inputs, jax.random.key(0), sampling=sampling)
+  gen, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
 
-  # Re-run the whole sequence (right padded: prompt, then generated) in one forward.
-  ids, mask = _prompts("right")
-  gen = np.asarray(outs["right"].tokens)
-  lengths = mask.sum(-1)
-  full_ids = np.zeros((2, ids.shape[1] + gen.shape[1]), np.int32)
-  full_mask = np.zeros_like(full_ids)
+  # Re-run prompt + generated tokens in one cache-free forward.
+  prompt_lengths = mask.sum(-1)
+  full_ids, full_mask = _right_padded(
+      [list(ids[i, : prompt_lengths[i]]) + list(gen[i, : lengths[i]]) for i in range(2)], 16)
+  logits = model.apply({"params": params}, full_ids, pixels, grid, full_mask)
+  logp = np.asarray(jax.nn.log_softmax(
+      sampler.policy_logits(logits, sampler.banned_mask(CONFIG), 0.0)))
   for i in range(2):
-    seq = list(ids[i, : lengths[i]]) + list(gen[i, : outs["right"].lengths[i]])
-    full_ids[i, : len(seq)], full_mask[i, : len(seq)] = seq, 1
-  logits = np.array(model.apply({"params": params}, full_ids, pixels, grid, full_mask))
-  banned = list(sampler.never_sampled(CONFIG))
-  logits[..., banned] = -np.inf
-  for i in range(2):
-    n = int(outs["right"].lengths[i])
-    predicted = logits[i, lengths[i] - 1 : lengths[i] - 1 + n].argmax(-1)
-    np.testing.assert_array_equal(predicted, gen[i, :n])
-    logp = np.asarray(jax.nn.log_softmax(logits[i, lengths[i] - 1 : lengths[i] - 1 + n]))
-    np.testing.assert_allclose(logp[np.arange(n), gen[i, :n]],
-                               np.asarray(outs["right"].logprobs)[i, :n], atol=1e-4)
+    scored = slice(prompt_lengths[i] - 1, prompt_lengths[i] - 1 + lengths[i])
+    np.testing.assert_array_equal(logp[i, scored].argmax(-1), gen[i, : lengths[i]])
+    np.testing.assert_allclose(logp[i, scored][np.arange(lengths[i]), gen[i, : lengths[i]]],
+                               np.asarray(out.logprobs)[i, : lengths[i]], atol=1e-4)
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+  """No compression, no inspection: the engine is plain greedy decoding."""
+  config = tiny_config()
+  hf = save_hf_model(tmp_path, config, seed=2)
+  config, params = load_pretrained(tmp_path)
+  model = qwen2_5_vl.Qwen25VL(config)
+  rng = np.random.default_rng(0)
+  span = [config.vision_start_token_id] + [config.image_token_id] * 30 + [
+      config.vision_end_token_id]
+  ids = np.array([[5, 6] + span + list(rng.integers(3, 240, 6))], np.int32)
+  grid = np.array([[1, 10, 12]], np.int32)
+  pixels = rng.normal(size=(120, config.vision.patch_dim)).astype(np.float32)
+  banned = list(sampler.never_sampled(config))
+  with torch.no_grad():
+    expected = hf.generate(
+        input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.ones(ids.shape),
+        pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grid),
+        mm_token_type_ids=torch.tensor(ids == config.image_token_id, dtype=torch.long),
+        do_sample=False, max_new_tokens=12, min_new_tokens=12, suppress_tokens=banned,
+        eos_token_id=None, pad_token_id=config.pad_token_id,
+    )[0, ids.shape[1]:].numpy()
+  inputs = sampler.PromptInputs.from_token_ids(model, params, ids, np.ones_like(ids), pixels,
+                                               grid)
+  sampling = sampler.SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=(-1,))
+  out = sampler.rollout(model, params, inputs, jax.random.key(0), sampling=sampling)
+  np.testing.assert_array_equal(np.asarray(out.tokens)[0], expected)

@@ -138,6 +138,8 @@ class Qwen25VL(nn.Module):
       token_mask: jax.Array,
       cache: KVCache,
       write_index: jax.Array,
+      *,
+      return_hidden: bool = False,
   ) -> tuple[jax.Array, KVCache]:
     """Runs new tokens against the cache: prefill (t = prompt) or decode (t >= 1).
 
@@ -147,15 +149,18 @@ class Qwen25VL(nn.Module):
       token_mask: `[b, t]` which new tokens are real (a row may add fewer than t).
       cache: the KV cache; slots `write_index[b] .. write_index[b] + t` must exist.
       write_index: `[b]` int slot of each row's first new token.
+      return_hidden: return final hidden states `[b, t, d]` instead of logits (a caller
+        that needs the logits of a few positions only applies `logits` to those).
 
     Returns:
-      logits `[b, t, vocab]` float32 and the updated cache.
+      logits `[b, t, vocab]` float32 (or hidden states) and the updated cache.
     """
     valid = _write_valid(cache.valid, token_mask.astype(bool), write_index)
     mask = cached_mask(valid, write_index, inputs_embeds.shape[1])
     cos, sin = mrope_cos_sin(position_ids, self.config)
     hidden, (k, v) = self.language_model(inputs_embeds, cos, sin, mask, cache, write_index)
-    return self.logits(hidden), KVCache(k=k, v=v, valid=valid)
+    out = hidden if return_hidden else self.logits(hidden)
+    return out, KVCache(k=k, v=v, valid=valid)
 
 
 def _write_valid(valid: jax.Array, token_mask: jax.Array, write_index: jax.Array) -> jax.Array:

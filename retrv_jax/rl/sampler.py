@@ -1,9 +1,26 @@
-"""Jitted autoregressive sampling with a preallocated KV cache.
+"""The rollout engine: G samples per prompt, decoded in one jitted `lax.while_loop`.
 
-One prefill over the (padded) prompt, then a `lax.while_loop` that decodes one token
-per row per step until every row has emitted a stop token or the budget is spent.
-Slots in the cache follow `retrv_jax.models.decoder`: each row writes at its own index,
-so left- and right-padded prompts both work.
+One prefill per prompt; its KV cache is then broadcast to the G samples of that prompt.
+Each loop step samples one token per live row and runs it through the decoder. When a
+row closes an inspection (`<inspection-index-start>` digits `<inspection-index-end>`)
+that names a candidate it has not opened yet, within `max_inspections`, the candidate's
+full tokens (`<|cand_start|>` ... `<|cand_end|>`, images included) are prefilled into
+that row's cache in the same step, at its own slot and M-RoPE position, without leaving
+jit (the details-inspection splice). Other rows are untouched by the splice.
+
+Cache slots of one row (P prompt, g generated, B inserted block, . free):
+
+    P P P P g g g g B B B B B g g g . . .
+            ^ next_position    ^ after the block: start + splice_advance
+
+Every inspection of the form start-digits-end counts toward `max_inspections`, whether
+or not it inserts anything (out of range, repeat, or past the limit); this is the rule of
+`retrv_jax.data.prompts.parse_response`. The insertion record (which generated step,
+which candidate) is enough for the learner to rebuild the exact input
+(`retrv_jax.rl.learner`).
+
+Log-probs are those of the policy the learner scores: logits with vision/padding tokens
+banned, divided by the temperature. top-k / top-p only restrict what is drawn.
 """
 
 from __future__ import annotations
@@ -24,20 +41,91 @@ from retrv_jax.models.rope import get_rope_index, text_positions
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """How tokens are drawn. temperature 0 means greedy."""
+  """How rows are decoded. Static under jit: a change recompiles."""
 
-  max_new_tokens: int = 64
-  temperature: float = 0.0
-  stop_token_ids: tuple[int, ...] = ()
+  max_new_tokens: int = 256  # Generated tokens per row (inserted blocks not counted).
+  temperature: float = 1.0  # 0 = greedy.
+  top_k: int = 0  # Draw among the k most likely tokens; 0 = all.
+  top_p: float = 1.0  # Nucleus: smallest set with this much mass; 1 = all.
+  stop_token_ids: tuple[int, ...] = ()  # Empty: the model's eos.
+  # Details inspection; inspect_start_id < 0 turns it off.
+  inspect_start_id: int = -1
+  inspect_end_id: int = -1
+  digit_ids: tuple[int, ...] = ()  # Token ids of '0'..'9', in that order.
+  max_inspections: int = 3
+
+  @property
+  def inspection(self) -> bool:
+    return self.inspect_start_id >= 0 and self.max_inspections > 0
+
+  def __post_init__(self):
+    if self.inspection and len(self.digit_ids) != 10:
+      raise ValueError(f"digit_ids must list the ids of '0'..'9', got {self.digit_ids}")
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+      raise ValueError(f"bad sampling params: temperature={self.temperature}, "
+                       f"top_k={self.top_k}, top_p={self.top_p}")
 
 
 @flax.struct.dataclass
-class Generation:
-  """tokens, logprobs: `[b, max_new_tokens]` (pad after a row stops); lengths: `[b]`."""
+class PromptInputs:
+  """What the engine decodes from: prompt embeddings and the candidates' splice blocks.
+
+  The re-ranker builds these (`retrv_jax.models.reranker`); `from_token_ids` builds them
+  for a plain prompt with no candidates.
+  """
+
+  prompt_embeds: jax.Array  # [B, T, D]
+  prompt_mask: jax.Array  # [B, T] bool
+  prompt_positions: jax.Array  # [3, B, T] int32
+  next_position: jax.Array  # [B] int32: position of the first generated token.
+  splice_ids: jax.Array  # [B, K, Ls] int32
+  splice_embeds: jax.Array  # [B, K, Ls, D]
+  splice_mask: jax.Array  # [B, K, Ls] bool, real tokens first.
+  splice_offsets: jax.Array  # [3, B, K, Ls] int32: positions relative to the block start.
+  splice_advance: jax.Array  # [B, K] int32: positions a block consumes.
+
+  @classmethod
+  def from_token_ids(cls, model: Qwen25VL, params: Any, input_ids, attention_mask,
+                     pixel_values=None, image_grid_thw=None) -> PromptInputs:
+    """A plain prompt (HF processor layout) with one empty, never-inserted block."""
+    embeds = model.apply({"params": params}, input_ids, pixel_values, image_grid_thw,
+                         method=Qwen25VL.embed)
+    positions, next_position = get_rope_index(input_ids, attention_mask, image_grid_thw,
+                                              config=model.config)
+    b, _, d = embeds.shape
+    return cls(
+        prompt_embeds=embeds,
+        prompt_mask=jnp.asarray(attention_mask, bool),
+        prompt_positions=positions,
+        next_position=next_position,
+        splice_ids=jnp.zeros((b, 1, 1), jnp.int32),
+        splice_embeds=jnp.zeros((b, 1, 1, d), embeds.dtype),
+        splice_mask=jnp.zeros((b, 1, 1), bool),
+        splice_offsets=jnp.zeros((3, b, 1, 1), jnp.int32),
+        splice_advance=jnp.zeros((b, 1), jnp.int32),
+    )
+
+
+@flax.struct.dataclass
+class Trajectory:
+  """R = B * G sampled rows (row r answers prompt r // G).
+
+  tokens, logprobs: `[R, N]`, pad / 0 after the row stops; `lengths [R]` counts the
+  stop token. insert_step, insert_candidate: `[R, M]`, the generated index of the
+  `<inspection-index-end>` after which candidate insert_candidate (0-based) was
+  inserted; -1 where none. num_inspections `[R]`: every start-digits-end inspection.
+  """
 
   tokens: jax.Array
   logprobs: jax.Array
   lengths: jax.Array
+  insert_step: jax.Array
+  insert_candidate: jax.Array
+  num_inspections: jax.Array
+
+  @property
+  def num_inserted(self) -> jax.Array:
+    return jnp.sum(self.insert_candidate >= 0, axis=-1)
 
 
 def never_sampled(config: ModelConfig) -> tuple[int, ...]:
@@ -46,91 +134,199 @@ def never_sampled(config: ModelConfig) -> tuple[int, ...]:
           config.vision_end_token_id, config.pad_token_id)
 
 
-def _pick(logits: jax.Array, rng: jax.Array, sampling: SamplingParams, banned: jax.Array):
-  """Token `[b]` and its log-prob under the sampling distribution, from logits `[b, v]`."""
+def banned_mask(config: ModelConfig) -> jax.Array:
+  """`[vocab]` True for `never_sampled` tokens (vocab rows past the tokenizer included)."""
+  return jnp.zeros(config.vocab_size, bool).at[jnp.array(never_sampled(config))].set(True)
+
+
+def policy_logits(logits: jax.Array, banned: jax.Array, temperature: float) -> jax.Array:
+  """The distribution both sampler and learner score: banned tokens out, temperature in."""
   logits = jnp.where(banned, -jnp.inf, logits.astype(jnp.float32))
-  if sampling.temperature > 0:
-    logits = logits / sampling.temperature
-    token = jax.random.categorical(rng, logits, axis=-1)
-  else:
-    token = jnp.argmax(logits, axis=-1)
-  logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], -1)[:, 0]
-  return token.astype(jnp.int32), logprob
+  return logits / temperature if temperature > 0 else logits
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling"))
-def generate(
+def _draw(policy: jax.Array, key: jax.Array, sampling: SamplingParams) -> jax.Array:
+  """A token `[R]` from policy logits `[R, V]` restricted by top-k / top-p."""
+  if sampling.temperature == 0:
+    return jnp.argmax(policy, axis=-1).astype(jnp.int32)
+  if sampling.top_k:
+    kth = jax.lax.top_k(policy, sampling.top_k)[0][:, -1:]
+    policy = jnp.where(policy < kth, -jnp.inf, policy)
+  if sampling.top_p < 1:
+    sorted_logits = jnp.sort(policy, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < sampling.top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    policy = jnp.where(policy < threshold, -jnp.inf, policy)
+  return jax.random.categorical(key, policy, axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class _InspectionState:
+  """Per-row parser of `<inspection-index-start>` digits `<inspection-index-end>`."""
+
+  open: jax.Array  # [R] bool: inside an inspection.
+  value: jax.Array  # [R] int32: digits so far.
+  digits: jax.Array  # [R] int32: how many digits.
+  bad: jax.Array  # [R] bool: a non-digit token inside.
+  count: jax.Array  # [R] int32: closed start-digits-end inspections.
+  inspected: jax.Array  # [R, K] bool: candidates already inserted.
+
+  @classmethod
+  def init(cls, rows: int, num_candidates: int) -> _InspectionState:
+    zeros = jnp.zeros(rows, jnp.int32)
+    return cls(open=zeros.astype(bool), value=zeros, digits=zeros, bad=zeros.astype(bool),
+               count=zeros, inspected=jnp.zeros((rows, num_candidates), bool))
+
+  def step(self, token, live, digit_value, sampling: SamplingParams):
+    """Consumes one token per row; returns (state, insert now [R], candidate [R])."""
+    num_candidates = self.inspected.shape[1]
+    is_start = live & (token == sampling.inspect_start_id)
+    is_end = live & self.open & (token == sampling.inspect_end_id)
+    digit = digit_value[token]
+    inside = live & self.open & ~is_end
+    well_formed = is_end & ~self.bad & (self.digits > 0)
+    count = self.count + well_formed
+    candidate = self.value - 1
+    in_range = (candidate >= 0) & (candidate < num_candidates)
+    safe = jnp.clip(candidate, 0, num_candidates - 1)
+    first_time = ~jnp.take_along_axis(self.inspected, safe[:, None], axis=1)[:, 0]
+    insert = well_formed & in_range & first_time & (count <= sampling.max_inspections)
+    rows = jnp.arange(token.shape[0])
+    state = _InspectionState(
+        open=is_start | (self.open & ~is_end),
+        value=jnp.where(is_start, 0, jnp.where(inside & (digit >= 0),
+                                               jnp.minimum(self.value * 10 + digit, 10**6),
+                                               self.value)),
+        digits=jnp.where(is_start, 0, self.digits + (inside & (digit >= 0))),
+        bad=jnp.where(is_start, False, self.bad | (inside & (digit < 0))),
+        count=count,
+        inspected=self.inspected.at[rows, safe].set(self.inspected[rows, safe] | insert),
+    )
+    return state, insert, safe
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "group_size"))
+def rollout(
     model: Qwen25VL,
     params: Any,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    pixel_values: jax.Array | None,
-    image_grid_thw: jax.Array | None,
+    inputs: PromptInputs,
     rng: jax.Array,
     *,
     sampling: SamplingParams,
-) -> Generation:
-  """Samples continuations of a padded prompt batch.
+    group_size: int = 1,
+    forced_tokens: jax.Array | None = None,
+) -> Trajectory:
+  """Samples `group_size` responses per prompt.
 
   Args:
-    model: the `Qwen25VL` module (static).
-    params: its params.
-    input_ids, attention_mask: `[b, t]` prompts, left or right padded.
-    pixel_values, image_grid_thw: the prompts' images (HF processor layout) or None.
+    model: the backbone `Qwen25VL` (static); params: its params.
+    inputs: prompts (right padded) and their candidates' splice blocks.
     rng: PRNG key (unused when greedy).
-    sampling: budget, temperature and stop tokens (static).
+    sampling: decoding rules (static).
+    group_size: G samples per prompt; they share one prefill.
+    forced_tokens: `[B * G, F]` optional response prefix: where >= 0 the token is taken
+      instead of drawn (scored, parsed and spliced like a drawn one), e.g. to open every
+      response with `<think>`.
+
+  Returns:
+    The `Trajectory` of the B * G rows.
   """
   config = model.config
-  apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
-  batch, prompt_len = input_ids.shape
+  apply = lambda method, *a, **kw: model.apply({"params": params}, *a, method=method, **kw)
+  batch, prompt_len = inputs.prompt_mask.shape
+  num_candidates, block_len = inputs.splice_mask.shape[1:]
   budget = sampling.max_new_tokens
-  banned = jnp.zeros(config.vocab_size, bool).at[jnp.array(never_sampled(config))].set(True)
+  max_inserts = sampling.max_inspections if sampling.inspection else 0
+  rows = batch * group_size
+  prompt_of_row = jnp.arange(rows) // group_size
+  banned = banned_mask(config)
   stops = jnp.array(sampling.stop_token_ids or (config.eos_token_id,), jnp.int32)
+  digit_value = jnp.full(config.vocab_size, -1, jnp.int32)
+  if sampling.inspection:
+    digit_value = digit_value.at[jnp.array(sampling.digit_ids)].set(jnp.arange(10))
+  if forced_tokens is None:
+    forced_tokens = jnp.full((rows, 1), -1, jnp.int32)
 
-  positions, next_position = get_rope_index(input_ids, attention_mask, image_grid_thw,
-                                            config=config)
-  embeds = apply(Qwen25VL.embed, input_ids, pixel_values, image_grid_thw)
-  cache = KVCache.init(config, batch, prompt_len + budget)
-  zeros = jnp.zeros(batch, jnp.int32)
-  logits, cache = apply(Qwen25VL.decode, embeds, positions, attention_mask, cache, zeros)
-  slots = jnp.arange(prompt_len)[None]
-  last = jnp.max(jnp.where(attention_mask.astype(bool), slots, -1), axis=-1)
-  logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  # One prefill per prompt, then the cache is broadcast to its G rows.
+  cache = KVCache.init(config, batch, prompt_len + budget + max_inserts * block_len)
+  hidden, cache = apply(Qwen25VL.decode, inputs.prompt_embeds, inputs.prompt_positions,
+                        inputs.prompt_mask, cache, jnp.zeros(batch, jnp.int32),
+                        return_hidden=True)
+  last = jnp.sum(inputs.prompt_mask, axis=-1) - 1
+  logits = apply(Qwen25VL.logits, hidden[jnp.arange(batch), last][:, None])[:, 0]
+  repeat = lambda x, axis=0: jnp.repeat(x, group_size, axis=axis)
+  cache = KVCache(k=repeat(cache.k, 1), v=repeat(cache.v, 1), valid=repeat(cache.valid))
 
-  def cond(state):
-    step, _, _, done, *_ = state
-    return (step < budget) & ~jnp.all(done)
+  def splice(operands, insert, candidate):
+    """Prefills the chosen candidate block into the rows that inspect it."""
+    cache, write, position, logits = operands
+    pick = lambda x: x[prompt_of_row, candidate]
+    mask = pick(inputs.splice_mask) & insert[:, None]
+    offsets = inputs.splice_offsets[:, prompt_of_row, candidate]
+    block_hidden, cache = apply(Qwen25VL.decode, pick(inputs.splice_embeds),
+                                position[None, :, None] + offsets, mask, cache, write,
+                                return_hidden=True)
+    n = jnp.sum(mask, axis=-1)
+    last_hidden = block_hidden[jnp.arange(rows), jnp.maximum(n - 1, 0)]
+    block_logits = apply(Qwen25VL.logits, last_hidden[:, None])[:, 0]
+    logits = jnp.where(insert[:, None], block_logits, logits)
+    advance = jnp.where(insert, pick(inputs.splice_advance), 0)
+    return cache, write + n, position + advance, logits
 
   def body(state):
-    step, tokens, logprobs, done, logits, cache, write, position, rng = state
-    rng, key = jax.random.split(rng)
-    token, logprob = _pick(logits, key, sampling, banned)
-    token = jnp.where(done, config.pad_token_id, token)
-    tokens = tokens.at[:, step].set(token)
-    logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+    (step, out, done, logits, cache, write, position, inspection, key) = state
+    key, draw_key = jax.random.split(key)
+    policy = policy_logits(logits, banned, sampling.temperature)
+    token = _draw(policy, draw_key, sampling)
+    forced = forced_tokens[:, jnp.minimum(step, forced_tokens.shape[1] - 1)]
+    token = jnp.where((step < forced_tokens.shape[1]) & (forced >= 0), forced, token)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(policy, -1), token[:, None], -1)[:, 0]
     live = ~done
-    done = done | jnp.isin(token, stops)
+    token = jnp.where(live, token, config.pad_token_id)
+    out = dict(out, tokens=out["tokens"].at[:, step].set(token),
+               logprobs=out["logprobs"].at[:, step].set(jnp.where(live, logprob, 0.0)))
+    done = done | jnp.isin(token, stops) | (step + 1 >= budget)
+
     embed = apply(Qwen25VL.embed, token[:, None])
     logits, cache = apply(Qwen25VL.decode, embed, text_positions(position, 1), live[:, None],
                           cache, write)
-    advance = live.astype(jnp.int32)
-    return (step + 1, tokens, logprobs, done, logits[:, 0], cache, write + advance,
-            position + advance, rng)
+    logits = logits[:, 0]
+    write, position = write + live, position + live
 
-  state = (
-      jnp.int32(0),
-      jnp.full((batch, budget), config.pad_token_id, jnp.int32),
-      jnp.zeros((batch, budget), jnp.float32),
-      jnp.zeros(batch, bool),
-      logits,
-      cache,
-      last + 1,
-      next_position,
-      rng,
+    if sampling.inspection:
+      inspection, insert, candidate = inspection.step(token, live, digit_value, sampling)
+      insert = insert & ~done
+      slot = jnp.sum(out["insert_candidate"] >= 0, axis=-1)
+      record = lambda a, v: a.at[jnp.arange(rows), jnp.minimum(slot, max_inserts - 1)].set(
+          jnp.where(insert, v, a[jnp.arange(rows), jnp.minimum(slot, max_inserts - 1)]))
+      out = dict(out, insert_step=record(out["insert_step"], step),
+                 insert_candidate=record(out["insert_candidate"], candidate))
+      cache, write, position, logits = jax.lax.cond(
+          jnp.any(insert), functools.partial(splice, insert=insert, candidate=candidate),
+          lambda operands: operands, (cache, write, position, logits))
+    return (step + 1, out, done, logits, cache, write, position, inspection, key)
+
+  out = {
+      "tokens": jnp.full((rows, budget), config.pad_token_id, jnp.int32),
+      "logprobs": jnp.zeros((rows, budget), jnp.float32),
+      "insert_step": jnp.full((rows, max_inserts), -1, jnp.int32),
+      "insert_candidate": jnp.full((rows, max_inserts), -1, jnp.int32),
+  }
+  state = (jnp.int32(0), out, jnp.zeros(rows, bool), repeat(logits), cache,
+           repeat(last + 1), repeat(inputs.next_position),
+           _InspectionState.init(rows, num_candidates), rng)
+  state = jax.lax.while_loop(lambda s: ~jnp.all(s[2]), body, state)
+  out, inspection = state[1], state[7]
+  return Trajectory(
+      tokens=out["tokens"],
+      logprobs=out["logprobs"],
+      lengths=_lengths(out["tokens"], stops, budget),
+      insert_step=out["insert_step"],
+      insert_candidate=out["insert_candidate"],
+      num_inspections=inspection.count,
   )
-  _, tokens, logprobs, *_ = jax.lax.while_loop(cond, body, state)
-  lengths = _lengths(tokens, stops, budget)
-  return Generation(tokens=tokens, logprobs=logprobs, lengths=lengths)
 
 
 def _lengths(tokens: jax.Array, stops: jax.Array, budget: int) -> jax.Array:
