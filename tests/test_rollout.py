@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_kv_cache import CONFIG
 
 from retrv_jax import parallel
 from retrv_jax.models import qwen2_5_vl
 from retrv_jax.models.rope import get_rope_index
 from retrv_jax.rl import learner, sampler
-from test_kv_cache import CONFIG
 
 DIGITS = tuple(range(40, 50))
 START, END, CAND_START, CAND_END, STOP = 50, 51, 52, 53, 2

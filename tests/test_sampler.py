@@ -3,12 +3,12 @@
 import jax
 import numpy as np
 import torch
-
 from hf_models import save_hf_model, tiny_config
+from test_kv_cache import CONFIG
+
 from retrv_jax.hf import load_pretrained
 from retrv_jax.models import qwen2_5_vl
 from retrv_jax.rl import sampler
-from test_kv_cache import CONFIG
 
 
 def _right_padded(rows, length):
