@@ -20,6 +20,7 @@ error that names the image.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from PIL import Image, ImageOps
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageSource = str | os.PathLike | Image.Image | np.ndarray
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray  # bytes: an encoded file.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,16 +176,18 @@ def num_image_tokens(
 def load_image(
     source: ImageSource, config: ImageConfig = ImageConfig(), *, name: str | None = None
 ) -> np.ndarray:
-  """Opens a path, PIL image or array as RGB `[H, W, 3]` uint8, refusing absurd sizes.
+  """Opens a path, encoded bytes, PIL image or array as RGB `[H, W, 3]` uint8, refusing
+  absurd sizes.
 
-  Files are size-checked from their header before decoding and turned upright by their
-  EXIF orientation (as HF `load_image`). Transparency is composited onto white (as the HF
-  processor's RGB conversion). Arrays must be `[H, W]` or `[H, W, 3]` uint8.
+  Files (and bytes) are size-checked from their header before decoding and turned upright
+  by their EXIF orientation (as HF `load_image`). Transparency is composited onto white (as
+  the HF processor's RGB conversion). Arrays must be `[H, W]` or `[H, W, 3]` uint8.
   """
-  if isinstance(source, (str, os.PathLike)):
-    name = name or os.fspath(source)
+  if isinstance(source, (str, os.PathLike, bytes)):
+    encoded = isinstance(source, bytes)
+    name = name or ("<encoded image>" if encoded else os.fspath(source))
     try:
-      with Image.open(source) as image:
+      with Image.open(io.BytesIO(source) if encoded else source) as image:
         check_image_size(image.height, image.width, config, name=name)
         image = ImageOps.exif_transpose(image)
         return _pil_to_rgb(image)

@@ -94,6 +94,9 @@ class PromptConfig:
   max_candidate_tokens: int = 256  # Lc: candidate blocks are cut (text only) to this length.
   merge_size: int = 2  # Vision merge: an image of t*h*w patches is t*h*w / merge**2 tokens.
   compress_candidates: bool = True  # ICM slots; False puts the full tokens in the prompt.
+  # Compressed tokens per candidate, in order: "con" (t_con) and/or "rel" (t_rel); one of
+  # them alone is the "without t_rel" / "without t_con" ablation.
+  candidate_slots: tuple[str, ...] = ("con", "rel")
   padding_side: str = "right"  # "right" or "left".
   system_prompt: str = SYSTEM_PROMPT
 
@@ -104,6 +107,11 @@ class PromptConfig:
       raise ValueError(f"prompt_buckets must be non-empty and ascending: {self.prompt_buckets}")
     if self.num_candidates < 1 or self.max_candidate_tokens < 1:
       raise ValueError("num_candidates and max_candidate_tokens must be positive")
+    if tuple(self.candidate_slots) not in (("con", "rel"), ("con",), ("rel",)):
+      raise ValueError(
+          f"candidate_slots must be ('con', 'rel'), ('con',) or ('rel',), got "
+          f"{self.candidate_slots!r}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,14 +120,15 @@ class PromptBatch:
 
   Image slots are ordered [query, candidate 1, ..., candidate K]; a span (start, n) gives
   the first `<|image_pad|>` and their count (n = 0: no image there). Slot index 2k + s marks
-  the compressed token s (0 = con, 1 = rel) of candidate k (0-based), -1 elsewhere.
+  the compressed token s (0 = con, 1 = rel) of candidate k (0-based), -1 elsewhere; a slot
+  left out by `PromptConfig.candidate_slots` has position -1 and no index.
   """
 
   input_ids: np.ndarray  # [B, T] int32, pad-filled.
   attention_mask: np.ndarray  # [B, T] bool
   lengths: np.ndarray  # [B] int32: real tokens per prompt.
   slot_index: np.ndarray  # [B, T] int32
-  slot_positions: np.ndarray  # [B, K, 2] int32: positions of (con, rel); -1 without ICM.
+  slot_positions: np.ndarray  # [B, K, 2] int32: positions of (con, rel); -1 where absent.
   query_mask: np.ndarray  # [B, T] bool: the query's own tokens (T_q of the ICM).
   image_spans: np.ndarray  # [B, 1 + K, 2] int32: image spans inside the prompt.
   image_grid_thw: np.ndarray  # [B, 1 + K, 3] int32: their grids (zeros: none).
@@ -228,7 +237,7 @@ class _Prompt:
   """One unpadded prompt under construction; positions count from its first token."""
 
   ids: list[int] = dataclasses.field(default_factory=list)
-  slots: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+  slots: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (con, rel); -1: none.
   query: tuple[int, int] = (0, 0)  # [start, end) of the query's tokens.
   image_spans: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
@@ -259,8 +268,9 @@ def encode_prompt(
   for k, (block, (image_start, image_len)) in enumerate(blocks):
     prompt.add(template(f"Candidate {k + 1}: "))
     if config.compress_candidates:
-      con = prompt.add([tokenizer.cand_con, tokenizer.cand_rel])
-      prompt.slots.append((con, con + 1))
+      ids = {"con": tokenizer.cand_con, "rel": tokenizer.cand_rel}
+      positions = {name: prompt.add([ids[name]]) for name in config.candidate_slots}
+      prompt.slots.append((positions.get("con", -1), positions.get("rel", -1)))
     else:
       start = prompt.add(block)
       if image_len:
@@ -332,9 +342,11 @@ def _pad(examples, prompts, all_blocks, length, tokenizer, config) -> PromptBatc
     out["attention_mask"][b, off : off + n] = True
     out["lengths"][b] = n
     out["query_mask"][b, off + prompt.query[0] : off + prompt.query[1]] = True
-    for k, (con, rel) in enumerate(prompt.slots):
-      out["slot_positions"][b, k] = (off + con, off + rel)
-      out["slot_index"][b, off + con], out["slot_index"][b, off + rel] = 2 * k, 2 * k + 1
+    for k, slots in enumerate(prompt.slots):
+      for s, position in enumerate(slots):
+        if position >= 0:
+          out["slot_positions"][b, k, s] = off + position
+          out["slot_index"][b, off + position] = 2 * k + s
     items = (example.query, *example.candidates)
     for slot, (start, count) in prompt.image_spans.items():
       out["image_spans"][b, slot] = (off + start, count)
