@@ -25,6 +25,7 @@ from hf_models import save_hf_model, tiny_config  # noqa: E402
 
 from retrv_jax.hf import load_pretrained  # noqa: E402
 from retrv_jax.models.qwen2_5_vl import Qwen25VL  # noqa: E402
+from retrv_jax.models.reranker import RerankInputs
 from retrv_jax.rl import sampler  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Prompts decoded together.")
@@ -73,7 +74,7 @@ def main(argv):
 
   model = Qwen25VL(config)
   sampling = sampler.SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=(-1,))
-  inputs = sampler.PromptInputs.from_token_ids(model, params, ids, np.ones_like(ids))
+  inputs = RerankInputs.from_token_ids(model, params, ids, np.ones_like(ids))
 
   def run_ours():
     out = sampler.rollout(model, params, inputs, jax.random.key(0), sampling=sampling)

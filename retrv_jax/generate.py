@@ -26,6 +26,7 @@ from retrv_jax.data import images as images_lib
 from retrv_jax.data import prompts
 from retrv_jax.data.tokenizer import Tokenizer, load_tokenizer
 from retrv_jax.models import qwen2_5_vl
+from retrv_jax.models.reranker import RerankInputs
 from retrv_jax.rl import sampler
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Run config.")
@@ -93,7 +94,7 @@ def main(argv: Sequence[str]) -> None:
   )
   rng = jax.random.key(config.seed)
   with jax.set_mesh(mesh), parallel.with_rules(tuple(config.mesh.rules)):
-    inputs = sampler.PromptInputs.from_token_ids(model, params, ids, np.ones_like(ids),
+    inputs = RerankInputs.from_token_ids(model, params, ids, np.ones_like(ids),
                                                  pixel_values, image_grid_thw)
     run = lambda: sampler.rollout(model, params, inputs, rng, sampling=sampling)
     jax.block_until_ready(run())  # Compile.

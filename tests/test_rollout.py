@@ -13,6 +13,7 @@ from test_kv_cache import CONFIG
 
 from retrv_jax import parallel
 from retrv_jax.models import qwen2_5_vl
+from retrv_jax.models.reranker import RerankInputs
 from retrv_jax.models.rope import get_rope_index
 from retrv_jax.rl import learner, sampler
 
@@ -56,10 +57,10 @@ class Prompts:
     self.block_images = [i for i, b in enumerate(flat_blocks) if 63 in b]
     self.block_pixels = {i: _pixels(1, 10 + i) for i in self.block_images}
 
-  def inputs(self, params=PARAMS) -> sampler.PromptInputs:
+  def inputs(self, params=PARAMS) -> RerankInputs:
     ids, mask = _pad(self.prompt_rows, 14)
     grid = np.array([GRID], np.int32)
-    base = sampler.PromptInputs.from_token_ids(MODEL, params, ids, mask, self.prompt_pixels, grid)
+    base = RerankInputs.from_token_ids(MODEL, params, ids, mask, self.prompt_pixels, grid)
     flat = [b for rows in self.block_rows for b in rows]
     block_ids, block_mask = _pad(flat, BLOCK)
     block_grid = np.array([GRID] * len(self.block_images), np.int32)

@@ -8,6 +8,7 @@ from test_kv_cache import CONFIG
 
 from retrv_jax.hf import load_pretrained
 from retrv_jax.models import qwen2_5_vl
+from retrv_jax.models.reranker import RerankInputs
 from retrv_jax.rl import sampler
 
 
@@ -25,7 +26,7 @@ def test_greedy_tokens_are_the_argmax_of_a_full_forward():
   pixels = np.random.default_rng(0).normal(size=(16, CONFIG.vision.patch_dim)).astype(np.float32)
   ids, mask = _right_padded([[5, 6, 60] + [63] * 4 + [61, 7, 8], [9, 10, 11, 12]], 10)
   sampling = sampler.SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=(2,))
-  inputs = sampler.PromptInputs.from_token_ids(model, params, ids, mask, pixels, grid)
+  inputs = RerankInputs.from_token_ids(model, params, ids, mask, pixels, grid)
   out = sampler.rollout(model, params, inputs, jax.random.key(0), sampling=sampling)
   gen, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
 
@@ -64,7 +65,7 @@ def test_greedy_equals_transformers_generate(tmp_path):
         do_sample=False, max_new_tokens=12, min_new_tokens=12, suppress_tokens=banned,
         eos_token_id=None, pad_token_id=config.pad_token_id,
     )[0, ids.shape[1]:].numpy()
-  inputs = sampler.PromptInputs.from_token_ids(model, params, ids, np.ones_like(ids), pixels,
+  inputs = RerankInputs.from_token_ids(model, params, ids, np.ones_like(ids), pixels,
                                                grid)
   sampling = sampler.SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=(-1,))
   out = sampler.rollout(model, params, inputs, jax.random.key(0), sampling=sampling)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from retrv_jax.models.qwen2_5_vl import Qwen25VL
-from retrv_jax.rl.sampler import PromptInputs, Trajectory, banned_mask, policy_logits
+from retrv_jax.models.reranker import RerankInputs
+from retrv_jax.rl.sampler import Trajectory, banned_mask, policy_logits
 
 
 @flax.struct.dataclass
@@ -35,7 +36,7 @@ class SplicedSequence:
   token_mask: jax.Array  # [R, N] bool: j < length (the scored tokens).
 
 
-def rebuild(inputs: PromptInputs, trajectory: Trajectory, token_embeds: jax.Array,
+def rebuild(inputs: RerankInputs, trajectory: Trajectory, token_embeds: jax.Array,
             group_size: int) -> SplicedSequence:
   """Lays out prompt, generated tokens (`token_embeds [R, N, D]`) and inserted blocks."""
   rows, budget = trajectory.tokens.shape
@@ -91,7 +92,7 @@ def rebuild(inputs: PromptInputs, trajectory: Trajectory, token_embeds: jax.Arra
 def token_logprobs(
     model: Qwen25VL,
     params: Any,
-    inputs: PromptInputs,
+    inputs: RerankInputs,
     trajectory: Trajectory,
     *,
     group_size: int,

@@ -17,7 +17,8 @@ Every inspection of the form start-digits-end counts toward `max_inspections`, w
 or not it inserts anything (out of range, repeat, or past the limit); this is the rule of
 `retrv_jax.data.prompts.parse_response`. The insertion record (which generated step,
 which candidate) is enough for the learner to rebuild the exact input
-(`retrv_jax.rl.learner`).
+(`retrv_jax.rl.learner`). Prompts come as `RerankInputs` (the re-ranker builds them; a
+plain prompt with no candidates: `RerankInputs.from_token_ids`).
 
 Log-probs are those of the policy the learner scores: logits with vision/padding tokens
 banned, divided by the temperature. top-k / top-p only restrict what is drawn.
@@ -36,7 +37,8 @@ import jax.numpy as jnp
 from retrv_jax.models.config import ModelConfig
 from retrv_jax.models.decoder import KVCache
 from retrv_jax.models.qwen2_5_vl import Qwen25VL
-from retrv_jax.models.rope import get_rope_index, text_positions
+from retrv_jax.models.reranker import RerankInputs
+from retrv_jax.models.rope import text_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,46 +66,6 @@ class SamplingParams:
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
       raise ValueError(f"bad sampling params: temperature={self.temperature}, "
                        f"top_k={self.top_k}, top_p={self.top_p}")
-
-
-@flax.struct.dataclass
-class PromptInputs:
-  """What the engine decodes from: prompt embeddings and the candidates' splice blocks.
-
-  The re-ranker builds these (`retrv_jax.models.reranker`); `from_token_ids` builds them
-  for a plain prompt with no candidates.
-  """
-
-  prompt_embeds: jax.Array  # [B, T, D]
-  prompt_mask: jax.Array  # [B, T] bool
-  prompt_positions: jax.Array  # [3, B, T] int32
-  next_position: jax.Array  # [B] int32: position of the first generated token.
-  splice_ids: jax.Array  # [B, K, Ls] int32
-  splice_embeds: jax.Array  # [B, K, Ls, D]
-  splice_mask: jax.Array  # [B, K, Ls] bool, real tokens first.
-  splice_offsets: jax.Array  # [3, B, K, Ls] int32: positions relative to the block start.
-  splice_advance: jax.Array  # [B, K] int32: positions a block consumes.
-
-  @classmethod
-  def from_token_ids(cls, model: Qwen25VL, params: Any, input_ids, attention_mask,
-                     pixel_values=None, image_grid_thw=None) -> PromptInputs:
-    """A plain prompt (HF processor layout) with one empty, never-inserted block."""
-    embeds = model.apply({"params": params}, input_ids, pixel_values, image_grid_thw,
-                         method=Qwen25VL.embed)
-    positions, next_position = get_rope_index(input_ids, attention_mask, image_grid_thw,
-                                              config=model.config)
-    b, _, d = embeds.shape
-    return cls(
-        prompt_embeds=embeds,
-        prompt_mask=jnp.asarray(attention_mask, bool),
-        prompt_positions=positions,
-        next_position=next_position,
-        splice_ids=jnp.zeros((b, 1, 1), jnp.int32),
-        splice_embeds=jnp.zeros((b, 1, 1, d), embeds.dtype),
-        splice_mask=jnp.zeros((b, 1, 1), bool),
-        splice_offsets=jnp.zeros((3, b, 1, 1), jnp.int32),
-        splice_advance=jnp.zeros((b, 1), jnp.int32),
-    )
 
 
 @flax.struct.dataclass
@@ -211,7 +173,7 @@ class _InspectionState:
 def rollout(
     model: Qwen25VL,
     params: Any,
-    inputs: PromptInputs,
+    inputs: RerankInputs,
     rng: jax.Array,
     *,
     sampling: SamplingParams,
