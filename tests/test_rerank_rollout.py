@@ -13,6 +13,7 @@ from retrv_jax.models.compression import CompressionConfig
 from retrv_jax.models.config import tiny
 from retrv_jax.models.qwen2_5_vl import Qwen25VL
 from retrv_jax.rl import learner, sampler
+from retrv_jax.rl.rewards import FormatTokens
 
 K = 4
 
@@ -37,10 +38,12 @@ def test_learner_through_encode_equals_sampler_with_inspections(setup):
   tok, rerank, params, batch = setup
   encode = jax.jit(lambda p, b: rerank.apply({"params": p}, b, method=rerank.encode))
   inputs = encode(params, batch)
+  digits = FormatTokens.from_tokenizer(tok)
   sampling = sampler.SamplingParams(
       max_new_tokens=16, temperature=1.0, stop_token_ids=(tok.eos,),
       inspect_start_id=tok.inspect_start, inspect_end_id=tok.inspect_end,
-      digit_ids=tok.digit_ids, max_inspections=2)
+      digit_ids=digits.digit_ids, digit_values=digits.digit_values,
+      digit_lengths=digits.digit_lengths, max_inspections=2)
   opening = [tok.think_start, tok.inspect_start, tok.digit_ids[3], tok.inspect_end,
              tok.inspect_start, tok.digit_ids[1], tok.inspect_end]
   forced = np.tile(np.array(opening, np.int32), (4, 1))

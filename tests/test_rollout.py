@@ -22,7 +22,8 @@ START, END, CAND_START, CAND_END, STOP = 50, 51, 52, 53, 2
 K, BLOCK = 3, 10
 SAMPLING = sampler.SamplingParams(
     max_new_tokens=14, temperature=1.0, stop_token_ids=(STOP,), inspect_start_id=START,
-    inspect_end_id=END, digit_ids=DIGITS, max_inspections=2)
+    inspect_end_id=END, digit_ids=DIGITS + (39,), digit_values=tuple(range(10)) + (2,),
+    digit_lengths=(1,) * 10 + (2,), max_inspections=2)  # Token 39 reads "02".
 MODEL = qwen2_5_vl.Qwen25VL(CONFIG)
 PARAMS = qwen2_5_vl.init_params(CONFIG, jax.random.key(7))
 IMAGE = [60, 63, 63, 63, 63, 61]  # One 1x4x4 patch grid = 4 merged tokens.
@@ -143,13 +144,13 @@ def test_invalid_inspections_are_recorded_not_spliced():
   inputs = Prompts().inputs()
   forced = np.array([
       [START, 45, END, START, 41, END, START, 41, END, START, 42, END],  # 5 > K, ok, repeat, 4th
-      [START, 7, END, START, END, START, 41, 42, END, START, 41, END],  # non-digit, empty, 12, ok
+      [START, 7, END, START, END, START, 41, 42, END, START, 39, END],  # non-digit, empty, 12, 02
   ], np.int32)
   traj = sampler.rollout(MODEL, PARAMS, inputs, jax.random.key(1),
                          sampling=SAMPLING, group_size=1, forced_tokens=forced)
-  np.testing.assert_array_equal(np.asarray(traj.insert_candidate), [[0, -1], [0, -1]])
+  np.testing.assert_array_equal(np.asarray(traj.insert_candidate), [[0, -1], [1, -1]])
   np.testing.assert_array_equal(np.asarray(traj.insert_step), [[5, -1], [11, -1]])
-  # Row 0: four start-digits-end inspections; row 1: '12' and '1' (the others are malformed).
+  # Row 0: four start-digits-end inspections; row 1: '12' and '02' (the others are malformed).
   np.testing.assert_array_equal(np.asarray(traj.num_inspections), [4, 2])
 
 

@@ -53,7 +53,11 @@ class SamplingParams:
   # Details inspection; inspect_start_id < 0 turns it off.
   inspect_start_id: int = -1
   inspect_end_id: int = -1
-  digit_ids: tuple[int, ...] = ()  # Token ids of '0'..'9', in that order.
+  # Tokens that decode to digits only, with their value and digit count (the parser's
+  # rule; `rewards.FormatTokens.from_tokenizer` lists them for a tokenizer).
+  digit_ids: tuple[int, ...] = ()
+  digit_values: tuple[int, ...] = ()
+  digit_lengths: tuple[int, ...] = ()
   max_inspections: int = 3
 
   @property
@@ -61,8 +65,11 @@ class SamplingParams:
     return self.inspect_start_id >= 0 and self.max_inspections > 0
 
   def __post_init__(self):
-    if self.inspection and len(self.digit_ids) != 10:
-      raise ValueError(f"digit_ids must list the ids of '0'..'9', got {self.digit_ids}")
+    if self.inspection and not (
+        len(self.digit_ids) == len(self.digit_values) == len(self.digit_lengths) > 0):
+      raise ValueError("inspection needs digit_ids, digit_values and digit_lengths of one "
+                       f"length, got {len(self.digit_ids)}, {len(self.digit_values)}, "
+                       f"{len(self.digit_lengths)}")
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
       raise ValueError(f"bad sampling params: temperature={self.temperature}, "
                        f"top_k={self.top_k}, top_p={self.top_p}")
@@ -141,13 +148,14 @@ class _InspectionState:
     return cls(open=zeros.astype(bool), value=zeros, digits=zeros, bad=zeros.astype(bool),
                count=zeros, inspected=jnp.zeros((rows, num_candidates), bool))
 
-  def step(self, token, live, digit_value, sampling: SamplingParams):
+  def step(self, token, live, digit_value, digit_length, sampling: SamplingParams):
     """Consumes one token per row; returns (state, insert now [R], candidate [R])."""
     num_candidates = self.inspected.shape[1]
     is_start = live & (token == sampling.inspect_start_id)
     is_end = live & self.open & (token == sampling.inspect_end_id)
-    digit = digit_value[token]
+    digit, length = digit_value[token], jnp.minimum(digit_length[token], 6)
     inside = live & self.open & ~is_end
+    is_digit = inside & (digit >= 0)
     well_formed = is_end & ~self.bad & (self.digits > 0)
     count = self.count + well_formed
     candidate = self.value - 1
@@ -158,10 +166,9 @@ class _InspectionState:
     rows = jnp.arange(token.shape[0])
     state = _InspectionState(
         open=is_start | (self.open & ~is_end),
-        value=jnp.where(is_start, 0, jnp.where(inside & (digit >= 0),
-                                               jnp.minimum(self.value * 10 + digit, 10**6),
-                                               self.value)),
-        digits=jnp.where(is_start, 0, self.digits + (inside & (digit >= 0))),
+        value=jnp.where(is_start, 0, jnp.where(
+            is_digit, jnp.minimum(self.value * 10**length + digit, 10**6), self.value)),
+        digits=jnp.where(is_start, 0, self.digits + jnp.where(is_digit, length, 0)),
         bad=jnp.where(is_start, False, self.bad | (inside & (digit < 0))),
         count=count,
         inspected=self.inspected.at[rows, safe].set(self.inspected[rows, safe] | insert),
@@ -206,8 +213,11 @@ def rollout(
   banned = banned_mask(config)
   stops = jnp.array(sampling.stop_token_ids or (config.eos_token_id,), jnp.int32)
   digit_value = jnp.full(config.vocab_size, -1, jnp.int32)
+  digit_length = jnp.zeros(config.vocab_size, jnp.int32)
   if sampling.inspection:
-    digit_value = digit_value.at[jnp.array(sampling.digit_ids)].set(jnp.arange(10))
+    ids = jnp.array(sampling.digit_ids)
+    digit_value = digit_value.at[ids].set(jnp.array(sampling.digit_values, jnp.int32))
+    digit_length = digit_length.at[ids].set(jnp.array(sampling.digit_lengths, jnp.int32))
   if forced_tokens is None:
     forced_tokens = jnp.full((rows, 1), -1, jnp.int32)
 
@@ -258,7 +268,8 @@ def rollout(
     write, position = write + live, position + live
 
     if sampling.inspection:
-      inspection, insert, candidate = inspection.step(token, live, digit_value, sampling)
+      inspection, insert, candidate = inspection.step(token, live, digit_value, digit_length,
+                                                          sampling)
       insert = insert & ~done
       slot = jnp.sum(out["insert_candidate"] >= 0, axis=-1)
       record = lambda a, v: a.at[jnp.arange(rows), jnp.minimum(slot, max_inserts - 1)].set(
