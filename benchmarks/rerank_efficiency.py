@@ -33,6 +33,8 @@ _KS = flags.DEFINE_list("ks", ["10", "25", "50"], "Candidate counts K.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Decoded tokens per re-ranking.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs (best kept).")
 _PRESET = flags.DEFINE_string("preset", "tiny", "Model preset (random weights).")
+_TASK = flags.DEFINE_integer("task", 0, "Embedded task: 0 (text -> image candidates) or 3 "
+                             "(image -> text candidates).")
 _IMAGE_SIDE = flags.DEFINE_integer("image_side", 112, "Image side after resizing, pixels "
                                    "(112: 8x8 patches = 16 LLM tokens per image).")
 
@@ -68,14 +70,14 @@ def main(argv):
   model_config = PRESETS[_PRESET.value]()
   tok = load_tokenizer()
   print(f"preset={_PRESET.value} backend={jax.default_backend()} new_tokens={_NEW_TOKENS.value}"
-        f" image_side={_IMAGE_SIDE.value}")
+        f" image_side={_IMAGE_SIDE.value} task={_TASK.value}")
   print(f"{'K':>3} {'prompt T icm/full':>18} {'latency icm':>12} {'full':>9} {'ratio':>6}"
         f" {'peak MB icm':>12} {'full':>9} {'ratio':>6}")
   with tempfile.TemporaryDirectory() as root:
     for k in map(int, _KS.value):
       data = f"{root}/k{k}"
       synthetic.generate(data, synthetic.BenchmarkConfig(num_train=1, num_val=1, num_test=1,
-                                                         k=k, tasks=(0,)))
+                                                         k=k, tasks=(_TASK.value,)))
       results = {}
       for enabled in (True, False):
         config = PipelineConfig(data_dir=data, source="mbeir", split="test", batch_size=1,

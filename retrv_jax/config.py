@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from retrv_jax import parallel
-from retrv_jax.models.config import DTYPES, REMAT_POLICIES, ModelConfig
+from retrv_jax.models.config import DTYPES, LORA_TARGETS, REMAT_POLICIES, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,13 @@ def validate_model(model: ModelConfig, prefix: str = "model") -> ModelConfig:
     value = getattr(model, name)
     if not 0 <= value < model.vocab_size:
       _fail(f"{prefix}.{name}", value, f"a token id in [0, vocab_size={model.vocab_size})")
+  if model.lora_rank < 0:
+    _fail(f"{prefix}.lora_rank", model.lora_rank, "0 (no LoRA) or a positive rank")
+  if model.lora_alpha <= 0:
+    _fail(f"{prefix}.lora_alpha", model.lora_alpha, "a positive float")
+  unknown = sorted(set(model.lora_targets) - set(LORA_TARGETS))
+  if unknown:
+    _fail(f"{prefix}.lora_targets", model.lora_targets, f"names among {LORA_TARGETS}")
   vision = model.vision
   for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels",
                "out_hidden_size", "patch_size", "temporal_patch_size", "spatial_merge_size",

@@ -61,6 +61,8 @@ def test_base_config_loads_and_validates(preset):
         ("remat_policy", "some", r"config\.model\.remat_policy"),
         ("image_token_id", 10**9, r"config\.model\.image_token_id"),
         ("hidden_size", 0, r"config\.model\.hidden_size = 0: expected a positive integer"),
+        ("lora_rank", -1, r"config\.model\.lora_rank = -1"),
+        ("lora_targets", ("q_proj", "qkv"), r"config\.model\.lora_targets"),
     ],
 )
 def test_bad_model_values_name_the_field(field, value, message):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from retrv_jax.models import axes
 from retrv_jax.models.config import ModelConfig
+from retrv_jax.models.decoder import MLP
 from retrv_jax.models.layers import (
   DEFAULT_INIT,
   DenseGeneral,
@@ -102,28 +103,6 @@ class CrossAttention(nn.Module):
                  in_dims=2)(out)
 
 
-class SwiGLU(nn.Module):
-  """down(silu(gate(x)) * up(x)), no biases, width `mlp_dim`."""
-
-  config: ModelConfig
-  mlp_dim: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.config
-    dense = lambda features, kernel_axes, name: DenseGeneral(
-        features=(features,),
-        kernel_axes=kernel_axes,
-        dtype=dtype_of(cfg.dtype),
-        param_dtype=dtype_of(cfg.param_dtype),
-        name=name,
-    )
-    gate = dense(self.mlp_dim, (axes.EMBED, axes.MLP), "gate_proj")(x)
-    up = dense(self.mlp_dim, (axes.EMBED, axes.MLP), "up_proj")(x)
-    hidden = constrain(nn.silu(gate) * up, axes.ACTIVATION_MLP)
-    return dense(cfg.hidden_size, (axes.MLP, axes.EMBED), "down_proj")(hidden)
-
-
 class CrossAttentionStack(nn.Module):
   """One ATT: `num_layers` pre-norm blocks; the queries change, the context does not.
 
@@ -144,7 +123,9 @@ class CrossAttentionStack(nn.Module):
       attended = CrossAttention(cfg, name=f"attention_{i}")(
           norm(f"query_norm_{i}")(x), norm(f"context_norm_{i}")(context), mask)
       x = constrain(x + attended, axes.ACTIVATION_EMBED)
-      x = x + SwiGLU(cfg, self.mlp_dim, name=f"mlp_{i}")(norm(f"mlp_norm_{i}")(x))
+      # The ICM is trained in full: no LoRA adapters on its projections.
+      mlp = MLP(cfg.replace(lora_rank=0), self.mlp_dim, name=f"mlp_{i}")
+      x = x + mlp(norm(f"mlp_norm_{i}")(x))
       x = constrain(x, axes.ACTIVATION_EMBED)
     return x
 

@@ -12,6 +12,8 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "attention_out")
+# The decoder projections LoRA can adapt (attention, then MLP), by module name.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,10 @@ class ModelConfig:
   param_dtype: str = "float32"  # Storage dtype of the params.
   scan_layers: bool = True  # Stack layers on a `layers` axis under nn.scan.
   remat_policy: str = "none"  # One of REMAT_POLICIES; applied per scanned layer.
+  # LoRA on the language decoder: not part of the Hugging Face checkpoint (merge to export).
+  lora_rank: int = 0  # Rank r of every adapter; 0: no LoRA params at all.
+  lora_alpha: float = 16.0  # Adapters add (lora_alpha / r) * x·A·B.
+  lora_targets: tuple[str, ...] = LORA_TARGETS  # Projections of each layer that get one.
 
   @property
   def head_dim(self) -> int:
@@ -88,7 +94,7 @@ class ModelConfig:
     vision = dict(values.pop("vision", {}) or {})
     _check_keys(cls, values, "model")
     _check_keys(VisionConfig, vision, "model.vision")
-    for key in ("mrope_section",):
+    for key in ("mrope_section", "lora_targets"):
       if key in values:
         values[key] = tuple(values[key])
     if "fullatt_block_indexes" in vision:

@@ -69,6 +69,12 @@ def _write_rows(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.A
   )
 
 
+def _lora_fields(config: ModelConfig, name: str) -> dict[str, Any]:
+  """The LoRA settings of projection `name` (rank 0, no adapter, unless it is a target)."""
+  rank = config.lora_rank if name in config.lora_targets else 0
+  return {"lora_rank": rank, "lora_alpha": config.lora_alpha}
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with rotary positions and an optional cache."""
 
@@ -83,6 +89,7 @@ class Attention(nn.Module):
         dtype=dtype_of(cfg.dtype),
         param_dtype=dtype_of(cfg.param_dtype),
         name=name,
+        **_lora_fields(cfg, name),
         **kw,
     )
     heads = (cfg.num_heads, cfg.head_dim)
@@ -109,22 +116,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases; width `mlp_dim` (0: intermediate_size)."""
 
   config: ModelConfig
+  mlp_dim: int = 0
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
+    width = self.mlp_dim or cfg.intermediate_size
     dense = lambda features, kernel_axes, name: DenseGeneral(
         features=(features,),
         kernel_axes=kernel_axes,
         dtype=dtype_of(cfg.dtype),
         param_dtype=dtype_of(cfg.param_dtype),
         name=name,
+        **_lora_fields(cfg, name),
     )
-    gate = dense(cfg.intermediate_size, (axes.EMBED, axes.MLP), "gate_proj")(x)
-    up = dense(cfg.intermediate_size, (axes.EMBED, axes.MLP), "up_proj")(x)
+    gate = dense(width, (axes.EMBED, axes.MLP), "gate_proj")(x)
+    up = dense(width, (axes.EMBED, axes.MLP), "up_proj")(x)
     hidden = constrain(nn.silu(gate) * up, axes.ACTIVATION_MLP)
     return dense(cfg.hidden_size, (axes.MLP, axes.EMBED), "down_proj")(hidden)
 

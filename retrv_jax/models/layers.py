@@ -41,11 +41,33 @@ def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
+def lora_a_init(in_dims: int) -> Initializer:
+  """LoRA's A: uniform(±1/sqrt(fan_in)), the kaiming-uniform(a=√5) init PEFT uses.
+
+  B starts at zero, so a fresh adapter leaves the model unchanged.
+  """
+  return nn.initializers.variance_scaling(
+      1 / 3, "fan_in", "uniform", in_axis=tuple(range(in_dims)), out_axis=-1
+  )
+
+
+def _contract(x: jax.Array, w: jax.Array, in_dims: int) -> jax.Array:
+  """Contracts the trailing `in_dims` axes of `x` with the leading `in_dims` axes of `w`."""
+  x_letters = "".join(chr(ord("A") + i) for i in range(x.ndim))
+  batch, contracted = x_letters[: x.ndim - in_dims], x_letters[x.ndim - in_dims :]
+  out_letters = "".join(chr(ord("a") + i) for i in range(w.ndim - in_dims))
+  return jnp.einsum(f"{x_letters},{contracted}{out_letters}->{batch}{out_letters}", x, w)
+
+
 class DenseGeneral(nn.Module):
-  """y = x · W (+ b) contracting the trailing `in_dims` axes of x into `features`.
+  """y = x · W (+ b) (+ (alpha / r) · (x · A) · B) contracting the trailing `in_dims` axes.
 
   Kernel shape is `in_shape + features`; `kernel_axes` names every kernel dimension
-  and `bias` (if any) has shape `features` with the trailing names.
+  and `bias` (if any) has shape `features` with the trailing names. With `lora_rank`
+  r > 0, a low-rank update lives next to the kernel: `lora_a [*in_shape, r]` and
+  `lora_b [r, *features]` (the rank axis has no logical name: it is never sharded).
+  A module built with r = 0 ignores those params if they are present, which makes
+  "LoRA switched off" the same weights under `config.replace(lora_rank=0)`.
   """
 
   features: Sequence[int]
@@ -55,31 +77,46 @@ class DenseGeneral(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: Initializer = DEFAULT_INIT
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = tuple(self.features)
-    in_shape = x.shape[x.ndim - self.in_dims:]
-    kernel_shape = tuple(in_shape) + features
+    in_shape = tuple(x.shape[x.ndim - self.in_dims:])
+    kernel_shape = in_shape + features
     if len(self.kernel_axes) != len(kernel_shape):
       raise ValueError(f"kernel_axes {self.kernel_axes} do not match shape {kernel_shape}")
+    in_axes = tuple(self.kernel_axes[: self.in_dims])
+    out_axes = tuple(self.kernel_axes[self.in_dims :])
     kernel = self.param(
         "kernel",
         nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
         kernel_shape,
         self.param_dtype,
     )
-    x_letters = "".join(chr(ord("A") + i) for i in range(x.ndim))
-    batch, contracted = x_letters[: x.ndim - self.in_dims], x_letters[x.ndim - self.in_dims :]
-    out_letters = "".join(chr(ord("a") + i) for i in range(len(features)))
-    spec = f"{x_letters},{contracted}{out_letters}->{batch}{out_letters}"
-    y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = _contract(x, kernel.astype(self.dtype), self.in_dims)
+    if self.lora_rank > 0:
+      lora_a = self.param(
+          "lora_a",
+          nn.with_logical_partitioning(lora_a_init(self.in_dims), in_axes + (None,)),
+          in_shape + (self.lora_rank,),
+          self.param_dtype,
+      )
+      lora_b = self.param(
+          "lora_b",
+          nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,) + out_axes),
+          (self.lora_rank,) + features,
+          self.param_dtype,
+      )
+      low_rank = _contract(x, lora_a.astype(self.dtype), self.in_dims)
+      scale = self.lora_alpha / self.lora_rank
+      y = y + scale * _contract(low_rank, lora_b.astype(self.dtype), 1)
     if self.use_bias:
       bias = self.param(
           "bias",
-          nn.with_logical_partitioning(
-              nn.initializers.zeros_init(), tuple(self.kernel_axes[self.in_dims:])
-          ),
+          nn.with_logical_partitioning(nn.initializers.zeros_init(), out_axes),
           features,
           self.param_dtype,
       )
