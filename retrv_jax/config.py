@@ -78,6 +78,9 @@ def validate_model(model: ModelConfig, prefix: str = "model") -> ModelConfig:
   if vision.window_size % unit:
     _fail(f"{prefix}.vision.window_size", vision.window_size,
           f"a multiple of patch_size * spatial_merge_size = {unit}")
+  if type(vision.max_patches_per_image) is not int or vision.max_patches_per_image < 0:
+    _fail(f"{prefix}.vision.max_patches_per_image", vision.max_patches_per_image,
+          "0 (attention over the whole patch sequence) or the largest image's t*h*w")
   bad = [i for i in vision.fullatt_block_indexes if not 0 <= i < vision.depth]
   if bad:
     _fail(f"{prefix}.vision.fullatt_block_indexes", vision.fullatt_block_indexes,

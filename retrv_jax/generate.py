@@ -11,6 +11,7 @@ this then checks the Hugging Face round trip: save -> load gives identical param
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -77,7 +78,6 @@ def main(argv: Sequence[str]) -> None:
   config_lib.validate_mesh(config, jax.device_count())
   mesh = parallel.create_mesh({name: config.mesh[name] for name in parallel.MESH_AXES})
   model_config, params, tokenizer = load_model(config, mesh)
-  model = qwen2_5_vl.Qwen25VL(model_config)
 
   pixel_values = image_grid_thw = None
   grids = []
@@ -85,6 +85,11 @@ def main(argv: Sequence[str]) -> None:
     processed = images_lib.preprocess_images(_IMAGES.value)
     pixel_values, image_grid_thw = processed.pixel_values, processed.image_grid_thw
     grids = image_grid_thw.tolist()
+    # Vision attention per image, sized to the largest image of this call.
+    largest = int(np.prod(image_grid_thw, axis=-1).max())
+    model_config = model_config.replace(vision=dataclasses.replace(
+        model_config.vision, max_patches_per_image=largest))
+  model = qwen2_5_vl.Qwen25VL(model_config)
   ids = np.array([chat_prompt(tokenizer, _PROMPT.value, grids,
                               model_config.vision.spatial_merge_size)], np.int32)
   sampling = sampler.SamplingParams(

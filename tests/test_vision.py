@@ -3,7 +3,8 @@
 Oracle: a tiny random `Qwen2_5_VisionTransformerPretrainedModel` (tests/hf_oracle.py) in
 float32, compared on its `pooler_output`. Patches are 2x2 with two frames and three
 channels (patch_dim 24), merge size 2, so a 12x10-patch image is 6x5 merge blocks and a
-2-block window leaves partial windows at the right and bottom edges.
+2-block window leaves partial windows at the right and bottom edges. Every parity case
+runs twice: attention over the whole sequence, and per image (`max_patches_per_image`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_position_ids
 
+from retrv_jax import config as config_lib
 from retrv_jax.models import vision as vision_lib
 from retrv_jax.models.config import ModelConfig, VisionConfig, qwen2_5_vl_7b
 from tests import hf_oracle
@@ -55,9 +57,11 @@ CONFIGS = {
 ONE_IMAGE = np.array([[1, 12, 10]])
 # Three entries of different sizes; the last has two frames (attention stays per frame).
 MANY_IMAGES = np.array([[1, 12, 10], [1, 6, 8], [2, 4, 6]])
+LARGEST = 120  # Patches of the largest image above: the tightest per-image bound.
 
 
-def _model_config(vision: VisionConfig, **changes) -> ModelConfig:
+def _model_config(vision: VisionConfig, max_patches: int = 0, **changes) -> ModelConfig:
+  vision = dataclasses.replace(vision, max_patches_per_image=max_patches)
   return ModelConfig(vision=vision, **changes)
 
 
@@ -140,34 +144,60 @@ def test_matches_hf(name, grid):
   model, params, _ = _oracle(name)
   pixels = hf_oracle.random_pixel_values(grid, vision, seed=1)
   expected = hf_oracle.hf_vision_forward(model, pixels, grid)
-  got = _jitted_apply(_model_config(vision))(params, pixels, grid)
-  assert got.shape == expected.shape == (len(pixels) // 4, vision.out_hidden_size)
+  dense = _jitted_apply(_model_config(vision))(params, pixels, grid)
+  per_image = _jitted_apply(_model_config(vision, LARGEST))(params, pixels, grid)
+  assert dense.shape == per_image.shape == expected.shape
+  assert expected.shape == (len(pixels) // 4, vision.out_hidden_size)
   assert np.abs(expected).max() > 0.1  # The oracle is not trivially small.
-  diff = _max_diff(got, expected)
-  print(f"\n{name} {len(grid)} image(s): max|delta| vs HF = {diff:.2e}")
-  assert diff <= TOL
+  diffs = _max_diff(dense, expected), _max_diff(per_image, expected)
+  print(f"\n{name} {len(grid)} image(s): max|delta| vs HF dense {diffs[0]:.2e}, "
+        f"per image {diffs[1]:.2e}")
+  assert max(diffs) <= TOL
+  assert _max_diff(per_image, dense) <= 1e-5
 
 
-@pytest.mark.parametrize("remat_policy", ["none", "full", "attention_out"])
-def test_scanned_equals_unscanned(remat_policy):
+@pytest.mark.parametrize(
+    ("remat_policy", "max_patches"),
+    [("none", 0), ("full", 0), ("attention_out", 0), ("full", LARGEST), ("attention_out", 128)],
+)
+def test_scanned_equals_unscanned(remat_policy, max_patches):
   name = "win4_full02_depth4_heads2"
   vision = CONFIGS[name]
   _, scanned, unscanned = _oracle(name)
   pixels = hf_oracle.random_pixel_values(MANY_IMAGES, vision, seed=2)
-  out_scan = _jitted_apply(_model_config(vision, remat_policy=remat_policy))(
+  out_scan = _jitted_apply(_model_config(vision, max_patches, remat_policy=remat_policy))(
       scanned, pixels, MANY_IMAGES
   )
-  out_loop = _jitted_apply(_model_config(vision, scan_layers=False))(
+  out_loop = _jitted_apply(_model_config(vision, max_patches, scan_layers=False))(
       unscanned, pixels, MANY_IMAGES
   )
   assert _max_diff(out_scan, out_loop) <= 1e-5  # Same math, different fusion.
 
 
-def test_jit_with_traced_grid_equals_eager_and_hf():
+def test_per_image_gradients_equal_dense():
+  name = "win2_full1_depth2_heads2"
+  vision = CONFIGS[name]
+  _, params, _ = _oracle(name)
+  pixels = hf_oracle.random_pixel_values(MANY_IMAGES, vision, seed=7)
+
+  def grads(max_patches: int) -> dict:
+    tower = vision_lib.VisionTower(_model_config(vision, max_patches))
+    loss = lambda p: jnp.sum(tower.apply(p, pixels, MANY_IMAGES) ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
+  dense, per_image = grads(0), grads(128)
+  scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(dense))
+  assert scale > 0.1
+  diff = max(jax.tree.leaves(jax.tree.map(_max_diff, per_image, dense)))
+  assert diff <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("max_patches", [0, LARGEST])
+def test_jit_with_traced_grid_equals_eager_and_hf(max_patches):
   name = "win2_full1_depth2_heads2"
   vision = CONFIGS[name]
   model, params, _ = _oracle(name)
-  tower = vision_lib.VisionTower(_model_config(vision))
+  tower = vision_lib.VisionTower(_model_config(vision, max_patches))
   traces = []
 
   @jax.jit
@@ -185,7 +215,8 @@ def test_jit_with_traced_grid_equals_eager_and_hf():
   assert _max_diff(got, hf_oracle.hf_vision_forward(model, pixels, other)) <= TOL
 
 
-def test_padding_rows_leave_real_outputs_unchanged():
+@pytest.mark.parametrize("max_patches", [0, 128])
+def test_padding_rows_and_absent_images_leave_real_outputs_unchanged(max_patches):
   name = "win4_full02_depth4_heads2"
   vision = CONFIGS[name]
   _, params, _ = _oracle(name)
@@ -193,13 +224,51 @@ def test_padding_rows_leave_real_outputs_unchanged():
   rng = np.random.default_rng(5)
   padded = np.concatenate([pixels, 100 * rng.standard_normal((32, vision.patch_dim))], axis=0)
   padded = padded.astype(np.float32)
-  padded_grid = np.concatenate([MANY_IMAGES, np.zeros((1, 3), np.int64)], axis=0)
-  apply = _jitted_apply(_model_config(vision))
-  real = apply(params, pixels, MANY_IMAGES)
-  out = apply(params, padded, padded_grid)
+  # Absent images (zero rows) first, between and after the real ones, as `Reranker.encode`
+  # sends them.
+  zero = np.zeros((1, 3), np.int64)
+  padded_grid = np.concatenate(
+      [zero, MANY_IMAGES[:1], zero, zero, MANY_IMAGES[1:], zero], axis=0
+  )
+  real = _jitted_apply(_model_config(vision))(params, pixels, MANY_IMAGES)
+  out = _jitted_apply(_model_config(vision, max_patches))(params, padded, padded_grid)
   assert out.shape == (real.shape[0] + 8, vision.out_hidden_size)
   assert _max_diff(out[: real.shape[0]], real) <= 1e-5
   assert np.isfinite(np.asarray(out)).all()
+
+
+def test_traced_image_past_max_patches_touches_no_other_image():
+  name = "win2_full1_depth2_heads2"
+  vision = CONFIGS[name]
+  _, params, _ = _oracle(name)
+  grid = np.array([[1, 6, 8], [1, 12, 10], [2, 4, 6]])  # 48, 120 and 48 patches.
+  pixels = hf_oracle.random_pixel_values(grid, vision, seed=8)
+  dense = _jitted_apply(_model_config(vision))(params, pixels, grid)
+  # 64 < 120: the middle image overflows; a traced grid cannot be checked.
+  out = _jitted_apply(_model_config(vision, 64))(params, pixels, jnp.asarray(grid))
+  assert np.isfinite(np.asarray(out)).all()
+  first, middle = slice(0, 12), slice(12, 42)
+  assert _max_diff(out[first], dense[first]) <= 1e-5
+  assert _max_diff(out[42:], dense[42:]) <= 1e-5
+  assert _max_diff(out[middle], dense[middle]) > 1e-2  # Truncated attention, as documented.
+
+
+def test_image_past_max_patches_is_an_error_when_the_grid_is_concrete():
+  vision = CONFIGS["win2_full1_depth2_heads2"]
+  tower = vision_lib.VisionTower(_model_config(vision, 64))
+  grid = np.array([[1, 6, 8], [1, 12, 10], [0, 0, 0]])
+  pixels = jnp.zeros((168, vision.patch_dim))
+  message = r"image 1 has 120 patches \(t\*h\*w = 1\*12\*10\).*max_patches_per_image=64"
+  with pytest.raises(ValueError, match=message):
+    tower.init(jax.random.key(0), pixels, grid)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True])
+def test_bad_max_patches_per_image_names_the_field(value):
+  model = ModelConfig(vision=dataclasses.replace(VisionConfig(), max_patches_per_image=value))
+  with pytest.raises(config_lib.ConfigError, match=r"model\.vision\.max_patches_per_image"):
+    config_lib.validate_model(model)
+  config_lib.validate_model(model.replace(vision=VisionConfig(max_patches_per_image=1024)))
 
 
 def test_bfloat16_close_to_float32():
@@ -258,10 +327,11 @@ def _flat(tree) -> dict:
   }
 
 
+@pytest.mark.parametrize("max_patches", [0, LARGEST])
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
-def test_param_tree_and_logical_axes(scan):
+def test_param_tree_and_logical_axes(scan, max_patches):
   vision = CONFIGS["win3_fullnone_depth3_heads4"]
-  tower = vision_lib.VisionTower(_model_config(vision, scan_layers=scan))
+  tower = vision_lib.VisionTower(_model_config(vision, max_patches, scan_layers=scan))
   grid = np.array([[1, 4, 4]])
   variables = jax.eval_shape(
       tower.init, jax.random.key(0), jnp.zeros((16, vision.patch_dim)), grid

@@ -33,6 +33,9 @@ class VisionConfig:
   fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
   rms_norm_eps: float = 1e-6
   tokens_per_second: int = 2  # Video only; kept for config round trips.
+  # Not part of the checkpoint. 0: attention over the whole patch sequence of a call with
+  # [N, N] masks; > 0: per image, each padded to this many patches (num_images x P^2 cost).
+  max_patches_per_image: int = 0
 
   @property
   def head_dim(self) -> int:

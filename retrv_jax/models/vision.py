@@ -15,12 +15,23 @@ Input contract (what `VisionTower.__call__` expects):
 Output: `[N / m^2, out_hidden_size]`, one row per merge block in input order (the
 Hugging Face `pooler_output`, concatenated over images), padding blocks at the end.
 
-Window attention is expressed as a boolean mask over the patch sequence. Hugging Face
-reorders the patches window by window, attends inside each window and restores the order;
-attention and the per-patch layers are permutation-equivariant and the reorder moves
-whole merge blocks, so masking "same frame and same window" in the original order is the
-same computation. Full-attention blocks mask "same frame". Both masks are `[N, N]`: the
-windowed blocks cost as much as the full ones (static shapes, no gather).
+Window attention is expressed as a boolean mask. Hugging Face reorders the patches window
+by window, attends inside each window and restores the order; attention and the per-patch
+layers are permutation-equivariant and the reorder moves whole merge blocks, so masking
+"same frame and same window" in the original order is the same computation. Full-attention
+blocks mask "same frame". The windowed blocks cost as much as the full ones (static shapes).
+
+Where attention runs (`AttentionGroups`), set by `vision.max_patches_per_image` = P:
+  0: over the whole sequence, `[N, N]` masks: cost and memory O(N^2) in the patches of
+    all images of a call. Fine for a few small images.
+  P > 0: per image. q, k, v are gathered into `[num_images, P]` slots (image i's patch j
+    at slot (i, j)), attention runs inside each image with `[num_images, P, P]` masks, and
+    the result is gathered back into sequence order; everything else runs on the sequence
+    as above. Exact: attention never crosses images anyway. Contract: every image has
+    t*h*w <= P. A concrete grid is checked (ValueError naming the image); with a traced
+    grid an image's patches past the first P attend to nothing (their attention output
+    is zero) and its first P patches attend only among themselves: that image's features
+    are wrong, but finite, and no other image is touched.
 
 Einsum letters as in `layers`: n patches, d vision embed, h heads, e head_dim, f mlp.
 """
@@ -46,7 +57,8 @@ class PatchLayout(NamedTuple):
 
   `segment` is the global frame index (-1 on padding rows): attention never crosses it.
   `row`, `col` are the patch coordinates inside its frame; `window_row`, `window_col`
-  the window holding its merge block.
+  the window holding its merge block; `image` the grid row of its entry and `offset` its
+  position inside that entry (both meaningless on padding rows).
   """
 
   segment: jax.Array
@@ -54,6 +66,25 @@ class PatchLayout(NamedTuple):
   col: jax.Array
   window_row: jax.Array
   window_col: jax.Array
+  image: jax.Array
+  offset: jax.Array
+
+
+class AttentionGroups(NamedTuple):
+  """Patches grouped into `[G, S]` slots; attention never leaves a group.
+
+  Dense: one group, the whole sequence in order (G = 1, S = N), `gather` and `scatter`
+  None. Per image: group i holds image i's patches at slots 0..t*h*w-1 (S = P).
+  `segment`, `window_row`, `window_col` `[G, S]` int32 as in `PatchLayout`, segment -1
+  on empty slots. `gather [G, S]`: the sequence row of each slot (clamped on empty ones);
+  `scatter [N]`: the flat slot `g * S + s` of each row, `G * S` for rows in no slot.
+  """
+
+  segment: jax.Array
+  window_row: jax.Array
+  window_col: jax.Array
+  gather: jax.Array | None = None
+  scatter: jax.Array | None = None
 
 
 def merged_window_size(vision: VisionConfig) -> int:
@@ -93,19 +124,61 @@ def patch_layout(
       col=block_col * merge_size + within_block % merge_size,
       window_row=block_row // window_units,
       window_col=block_col // window_units,
+      image=image,
+      offset=local,
   )
 
 
-def attention_masks(layout: PatchLayout) -> tuple[jax.Array, jax.Array]:
-  """Boolean `[N, N]` masks (query, key): same frame, and same frame and window."""
-  seg = layout.segment
-  full = (seg[:, None] == seg[None, :]) & (seg[:, None] >= 0)
-  window = (
-      full
-      & (layout.window_row[:, None] == layout.window_row[None, :])
-      & (layout.window_col[:, None] == layout.window_col[None, :])
+def sequence_groups(layout: PatchLayout) -> AttentionGroups:
+  """One group: the whole patch sequence, `[N, N]` masks."""
+  return AttentionGroups(
+      segment=layout.segment[None], window_row=layout.window_row[None],
+      window_col=layout.window_col[None],
   )
-  return full, window
+
+
+def image_groups(
+    layout: PatchLayout, image_grid_thw: jax.Array, max_patches: int
+) -> AttentionGroups:
+  """One group of `max_patches` slots per grid row; see the module docstring's contract."""
+  grid = jnp.asarray(image_grid_thw, jnp.int32)
+  num_images, num_patches = grid.shape[0], layout.segment.shape[0]
+  sizes = jnp.prod(grid, axis=1)
+  slot = jnp.arange(max_patches, dtype=jnp.int32)
+  filled = slot[None, :] < sizes[:, None]  # [G, S]
+  gather = jnp.minimum((jnp.cumsum(sizes) - sizes)[:, None] + slot[None, :], num_patches - 1)
+  in_slot = (layout.segment >= 0) & (layout.offset < max_patches)
+  return AttentionGroups(
+      segment=jnp.where(filled, layout.segment[gather], -1),
+      window_row=layout.window_row[gather],
+      window_col=layout.window_col[gather],
+      gather=gather,
+      scatter=jnp.where(in_slot, layout.image * max_patches + layout.offset,
+                        num_images * max_patches),
+  )
+
+
+def attention_mask(groups: AttentionGroups, is_full: jax.Array) -> jax.Array:
+  """Boolean `[G, S, S]` (query, key): same frame, and same window unless `is_full`."""
+  def same(field: jax.Array) -> jax.Array:
+    return field[:, :, None] == field[:, None, :]
+
+  window = same(groups.window_row) & same(groups.window_col)
+  return same(groups.segment) & (groups.segment >= 0)[:, :, None] & (is_full | window)
+
+
+def grouped_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, groups: AttentionGroups, is_full: jax.Array,
+    *, dtype: jnp.dtype,
+) -> jax.Array:
+  """`q, k, v [n, h, e]` -> `[n, h, e]`, attending inside groups only; rows in no slot get 0."""
+  mask = attention_mask(groups, is_full)
+  if groups.gather is None:
+    return layers.dot_product_attention(q[None], k[None], v[None], mask, dtype=dtype)[0]
+  q, k, v = (x[groups.gather] for x in (q, k, v))  # [G, S, h, e]
+  out = layers.dot_product_attention(q, k, v, mask, dtype=dtype)
+  out = out.reshape(-1, *out.shape[2:])
+  return jnp.take(out, groups.scatter, axis=0, mode="fill", fill_value=0)
 
 
 def rotary_cos_sin(layout: PatchLayout, head_dim: int) -> tuple[jax.Array, jax.Array]:
@@ -125,8 +198,10 @@ def rotary_cos_sin(layout: PatchLayout, head_dim: int) -> tuple[jax.Array, jax.A
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def _check_grid(image_grid_thw: np.ndarray, num_patches: int, merge_size: int) -> None:
-  """Checks a concrete grid against the patch count; traced grids are trusted."""
+def _check_grid(
+    image_grid_thw: np.ndarray, num_patches: int, merge_size: int, max_patches: int
+) -> None:
+  """Checks a concrete grid (shape, merge multiples, patch count, `max_patches` if set)."""
   grid = np.asarray(image_grid_thw)
   if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] < 1:
     raise ValueError(f"image_grid_thw: expected shape [num_images>=1, 3], got {grid.shape}")
@@ -143,18 +218,28 @@ def _check_grid(image_grid_thw: np.ndarray, num_patches: int, merge_size: int) -
     raise ValueError(
         f"image_grid_thw asks for {total} patches but pixel_values has {num_patches} rows"
     )
+  sizes = np.prod(grid, axis=1)
+  if max_patches and (sizes > max_patches).any():
+    i = int(np.argmax(sizes > max_patches))
+    raise ValueError(
+        f"image_grid_thw row {i}: image {i} has {sizes[i]} patches (t*h*w = "
+        f"{'*'.join(map(str, grid[i]))}) but model.vision.max_patches_per_image="
+        f"{max_patches}; raise it to the largest image's patch count ({sizes.max()}) or "
+        "resize the image"
+    )
 
 
 class VisionAttention(nn.Module):
-  """Bidirectional multi-head attention with fused qkv, 2D rotary and a patch mask."""
+  """Bidirectional multi-head attention with fused qkv, 2D rotary, inside patch groups."""
 
   config: ModelConfig
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
+      self, x: jax.Array, cos: jax.Array, sin: jax.Array, groups: AttentionGroups,
+      is_full: jax.Array,
   ) -> jax.Array:
-    """`x [n, d]`, `cos, sin [n, e]`, `mask [n, n]` -> `[n, d]`."""
+    """`x [n, d]`, `cos, sin [n, e]`, `is_full []` bool -> `[n, d]`."""
     vision = self.config.vision
     dtype = layers.dtype_of(self.config.dtype)
     param_dtype = layers.dtype_of(self.config.param_dtype)
@@ -170,7 +255,7 @@ class VisionAttention(nn.Module):
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q = layers.apply_rotary(q, cos, sin)
     k = layers.apply_rotary(k, cos, sin)
-    out = layers.dot_product_attention(q[None], k[None], v[None], mask, dtype=dtype)[0]
+    out = grouped_attention(q, k, v, groups, is_full, dtype=dtype)
     out = checkpoint_name(out, "attention_out")
     return layers.DenseGeneral(
         features=(vision.hidden_size,),
@@ -211,7 +296,7 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-  """Pre-norm transformer block; `is_full` picks the full or the windowed mask."""
+  """Pre-norm transformer block; `is_full` picks full or windowed attention."""
 
   config: ModelConfig
 
@@ -222,10 +307,9 @@ class VisionBlock(nn.Module):
       is_full: jax.Array,
       cos: jax.Array,
       sin: jax.Array,
-      full_mask: jax.Array,
-      window_mask: jax.Array,
+      groups: AttentionGroups,
   ) -> tuple[jax.Array, None]:
-    """`x [n, d]`, `is_full []` bool, masks `[n, n]` -> (`[n, d]`, None) for `nn.scan`."""
+    """`x [n, d]`, `is_full []` bool, `cos, sin [n, e]` -> (`[n, d]`, None) for `nn.scan`."""
     dtype = layers.dtype_of(self.config.dtype)
     param_dtype = layers.dtype_of(self.config.param_dtype)
 
@@ -238,8 +322,7 @@ class VisionBlock(nn.Module):
           name=name,
       )
 
-    mask = jnp.where(is_full, full_mask, window_mask)
-    x = x + VisionAttention(self.config, name="attn")(norm("norm1")(x), cos, sin, mask)
+    x = x + VisionAttention(self.config, name="attn")(norm("norm1")(x), cos, sin, groups, is_full)
     x = x + VisionMLP(self.config, name="mlp")(norm("norm2")(x))
     return layers.constrain(x, axes.VISION_ACTIVATION), None
 
@@ -321,8 +404,9 @@ class VisionTower(nn.Module):
           f"pixel_values: {num_patches} rows is not a multiple of spatial_merge_size^2 = "
           f"{merge * merge}; pad with whole merge blocks"
       )
+    max_patches = vision.max_patches_per_image
     if not isinstance(image_grid_thw, jax.core.Tracer):
-      _check_grid(image_grid_thw, num_patches, merge)
+      _check_grid(image_grid_thw, num_patches, merge, max_patches)
 
     layout = patch_layout(
         image_grid_thw,
@@ -330,7 +414,10 @@ class VisionTower(nn.Module):
         merge_size=merge,
         window_units=merged_window_size(vision),
     )
-    full_mask, window_mask = attention_masks(layout)
+    if max_patches:
+      groups = image_groups(layout, image_grid_thw, max_patches)
+    else:
+      groups = sequence_groups(layout)
     cos, sin = rotary_cos_sin(layout, vision.head_dim)
 
     x = PatchEmbed(config, name="patch_embed")(pixel_values)
@@ -351,15 +438,13 @@ class VisionTower(nn.Module):
           block_cls,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
           length=vision.depth,
           metadata_params={nn.PARTITION_NAME: axes.LAYERS},
       )
-      x, _ = stack(config, name="blocks")(x, full_flags, cos, sin, full_mask, window_mask)
+      x, _ = stack(config, name="blocks")(x, full_flags, cos, sin, groups)
     else:
       for i in range(vision.depth):
-        x, _ = block_cls(config, name=f"blocks_{i}")(
-            x, full_flags[i], cos, sin, full_mask, window_mask
-        )
+        x, _ = block_cls(config, name=f"blocks_{i}")(x, full_flags[i], cos, sin, groups)
     return PatchMerger(config, name="merger")(x)
 
