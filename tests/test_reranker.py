@@ -5,6 +5,7 @@ in test_model_parity); the re-ranker must build the same embeddings and M-RoPE p
 from a `PromptBatch`, and splice blocks that continue a sequence exactly.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -338,3 +339,15 @@ def test_sharded_encode_equals_single_device(params):
   assert q_kernel.sharding.shard_shape(q_kernel.shape) == (16, 2, 8)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=2e-5, rtol=1e-5)
   np.testing.assert_allclose(inputs.prompt_embeds, expected_inputs.prompt_embeds, atol=1e-6)
+
+
+def test_packed_query_equals_whole_prompt(params, encoded):
+  """ATT2 over the query packed into a few slots = ATT2 over the masked prompt."""
+  _, _, arrays, inputs = encoded[True]
+  longest = int(np.asarray(arrays["query_mask"]).sum(-1).max())
+  packed = encode(dataclasses.replace(ICM, max_query_tokens=longest), params, arrays)
+  np.testing.assert_allclose(np.asarray(packed.prompt_embeds), np.asarray(inputs.prompt_embeds),
+                             atol=1e-6)
+  too_small = dataclasses.replace(ICM, max_query_tokens=longest - 1)
+  with pytest.raises(ValueError, match="max_query_tokens"):
+    R.Reranker(CONFIG, too_small).apply({"params": params}, arrays, method=R.Reranker.encode)

@@ -57,12 +57,18 @@ class CompressionConfig:
   use_content: bool = True  # t_con in the prompt ("without t_con" ablation: False).
   use_relation: bool = True  # t_rel in the prompt ("without t_rel" ablation: False).
   mlp_dim: int = 0  # Hidden width of each block's MLP; 0: the LM's intermediate_size.
+  # ATT2 reads the query's tokens packed into this many slots instead of the whole prompt
+  # (cost K*Lc x max_query_tokens rather than K*Lc x T); 0: the whole prompt, masked.
+  # Every query must fit (checked when the batch is concrete).
+  max_query_tokens: int = 0
 
   def __post_init__(self):
     if self.num_layers < 1:
       raise ValueError(f"compression.num_layers must be >= 1, got {self.num_layers}")
     if self.mlp_dim < 0:
       raise ValueError(f"compression.mlp_dim must be >= 0, got {self.mlp_dim}")
+    if self.max_query_tokens < 0:
+      raise ValueError(f"compression.max_query_tokens must be >= 0, got {self.max_query_tokens}")
     if self.enabled and not (self.use_content or self.use_relation):
       raise ValueError("compression: use_content and use_relation are both False; "
                        "set enabled=False for prompts with full candidate tokens")

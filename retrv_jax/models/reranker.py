@@ -98,6 +98,23 @@ class RerankInputs:
     )
 
 
+def _pack_query(embeds: jax.Array, query_mask: jax.Array, size: int):
+  """The query's tokens `[B, size, D]` (in prompt order) and their mask; size 0: all of T.
+
+  The ICM uses no positions, so packing changes nothing but the cost of ATT2.
+  """
+  if not size:
+    return embeds, query_mask
+  if not isinstance(query_mask, jax.core.Tracer):
+    longest = int(np.max(np.sum(np.asarray(query_mask), axis=-1)))
+    if longest > size:
+      raise ValueError(f"a query has {longest} tokens but compression.max_query_tokens="
+                       f"{size}; raise it")
+  order = jnp.argsort(~query_mask.astype(bool), axis=-1, stable=True)[:, :size]
+  packed = jnp.take_along_axis(embeds, order[..., None], axis=1)
+  return packed, jnp.take_along_axis(query_mask.astype(bool), order, axis=1)
+
+
 class Reranker(nn.Module):
   """Qwen2.5-VL (`backbone`) with the information compression module (`icm`)."""
 
@@ -146,7 +163,9 @@ class Reranker(nn.Module):
                              first, features)
     embeds = constrain(embeds, axes.ACTIVATION_EMBED)
     if self.compression.enabled:
-      compressed = self.icm(candidates, batch["candidate_mask"], embeds, batch["query_mask"])
+      query, query_mask = _pack_query(embeds, batch["query_mask"],
+                                      self.compression.max_query_tokens)
+      compressed = self.icm(candidates, batch["candidate_mask"], query, query_mask)
       slot = batch["slot_index"]
       at_slot = jnp.take_along_axis(compressed.reshape(b, 2 * k, -1),
                                     jnp.maximum(slot, 0)[..., None], axis=1)
