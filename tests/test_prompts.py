@@ -21,11 +21,17 @@ def tok(request, tmp_path_factory):
   texts = CORPUS * 10 + list(P.template_texts())
   if request.param == "tiny":
     return tok_lib.train_tiny_tokenizer(texts, directory / "tiny.model")
+  return byte_level_bpe(texts, vocab_size=600)
+
+
+def byte_level_bpe(texts, vocab_size):
+  """A Qwen-like byte-level BPE tokenizer trained on `texts`, with the Retrv-R1 tokens."""
   raw = tokenizers.Tokenizer(models.BPE())
   raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   raw.decoder = decoders.ByteLevel()
   raw.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+      vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
   raw.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
   return tok_lib.add_retrv_tokens(raw)[0]
 

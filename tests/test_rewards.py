@@ -6,9 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tokenizers
-from test_prompts import CORPUS, MALFORMED
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from test_prompts import CORPUS, MALFORMED, byte_level_bpe
 
 from retrv_jax.data import prompts as P
 from retrv_jax.data import tokenizer as tok_lib
@@ -25,13 +23,7 @@ def tok(request):
   if request.param == "tiny":
     return tok_lib.load_tokenizer()
   texts = CORPUS * 10 + list(P.template_texts()) + [f"{n} {n}" for n in range(100)] * 5
-  raw = tokenizers.Tokenizer(models.BPE())
-  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  raw.decoder = decoders.ByteLevel()
-  raw.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-  raw.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-  return tok_lib.add_retrv_tokens(raw)[0]
+  return byte_level_bpe(texts, vocab_size=700)
 
 
 @pytest.fixture(scope="module")
