@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from hf_models import randomize_
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionTransformerPretrainedModel,
+  Qwen2_5_VisionTransformerPretrainedModel,
 )
 
 from retrv_jax.models.config import VisionConfig
@@ -33,16 +34,6 @@ def hf_vision_config(vision: VisionConfig) -> Qwen2_5_VLVisionConfig:
       out_hidden_size=vision.out_hidden_size,
       fullatt_block_indexes=list(vision.fullatt_block_indexes),
   )
-
-
-def randomize_(module: torch.nn.Module, *, seed: int, std: float) -> None:
-  """Redraws every parameter in place: norm scales ~ 1 + N(0, std), the rest ~ N(0, std)."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, param in module.named_parameters():
-      noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
-      is_norm = name.endswith("norm1.weight") or name.endswith("norm2.weight") or "ln_q" in name
-      param.copy_(1.0 + noise if is_norm else noise)
 
 
 def hf_vision_model(

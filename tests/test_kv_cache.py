@@ -9,14 +9,16 @@ from retrv_jax.models.config import ModelConfig, VisionConfig
 from retrv_jax.models.decoder import KVCache
 from retrv_jax.models.rope import get_rope_index
 
+# The small model of the cache, sampler, rollout and sharding tests: 2 vision blocks, one
+# windowed and one with full attention; 2x2-pixel patches so 4x4-patch images are cheap.
 CONFIG = ModelConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
     num_kv_heads=2, mrope_section=(1, 1, 2), image_token_id=63, video_token_id=62,
     vision_start_token_id=60, vision_end_token_id=61, bos_token_id=1, eos_token_id=2,
     pad_token_id=0,
-    vision=VisionConfig(depth=1, hidden_size=16, intermediate_size=24, num_heads=2,
+    vision=VisionConfig(depth=2, hidden_size=16, intermediate_size=24, num_heads=2,
                         out_hidden_size=32, patch_size=2, window_size=8,
-                        fullatt_block_indexes=(0,)),
+                        fullatt_block_indexes=(1,)),
 )
 
 

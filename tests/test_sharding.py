@@ -9,20 +9,10 @@ import numpy as np
 import portpicker
 import pytest
 from jax.sharding import PartitionSpec
+from test_kv_cache import CONFIG
 
 from retrv_jax import parallel
 from retrv_jax.models import qwen2_5_vl
-from retrv_jax.models.config import ModelConfig, VisionConfig
-
-CONFIG = ModelConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-    num_kv_heads=2, mrope_section=(1, 1, 2), image_token_id=63, video_token_id=62,
-    vision_start_token_id=60, vision_end_token_id=61, bos_token_id=1, eos_token_id=2,
-    pad_token_id=0,
-    vision=VisionConfig(depth=2, hidden_size=16, intermediate_size=24, num_heads=2,
-                        out_hidden_size=32, patch_size=2, window_size=8,
-                        fullatt_block_indexes=(1,)),
-)
 
 
 def _batch():

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 
 import flax.linen as nn
+import hf_oracle
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +24,6 @@ from transformers.vision_utils import get_vision_position_ids
 from retrv_jax import config as config_lib
 from retrv_jax.models import vision as vision_lib
 from retrv_jax.models.config import ModelConfig, VisionConfig, qwen2_5_vl_7b
-from tests import hf_oracle
 
 TOL = 1e-4
 
