@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="JAX/Flax implementation of Retrv-R1 (arXiv 2510.02745) for Cloud TPU",
     packages=find_packages(include=["retrv_jax", "retrv_jax.*"]),
-    package_data={"retrv_jax": ["data/assets/*.model"]},
+    package_data={"retrv_jax": ["data/assets/*.model", "data/assets/tiny_pretrained/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6.0",

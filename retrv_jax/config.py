@@ -7,7 +7,10 @@ mesh, each with a message that names the field, the value received and what is a
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 import ml_collections
@@ -106,3 +109,15 @@ def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[
     return parallel.mesh_shape(sizes, num_devices)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from e
+
+
+def sibling_config(file: str, name: str = "base") -> ModuleType:
+  """The config file `name`.py beside `file`, loaded by path (stage configs build on
+  configs/base.py wherever the repository is, with no `configs` package on sys.path)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"retrv_jax_config_{name}", path)
+  if spec is None or spec.loader is None or not os.path.isfile(path):
+    raise ConfigError(f"{file}: cannot load its base config {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -56,7 +56,7 @@ def load_model(config, mesh):
     )
     model_config = model_config.replace(dtype=config.model.dtype)
     return model_config, params, load_tokenizer(config.hf_checkpoint)
-  model_config = config_lib.model_config(config)
+  model_config = config_lib.model_config(config).replace(lora_rank=0)  # Plain Qwen2.5-VL.
   params = qwen2_5_vl.init_params(model_config, jax.random.key(config.seed), mesh=mesh,
                                   rules=rules)
   # Round trip through the Hugging Face format, as a user exporting the model would.

@@ -141,6 +141,14 @@ def shard_batch(local_batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
   return jax.tree.map(one, local_batch)
 
 
+def unbox(tree: Any) -> Any:
+  """Leaves without their logical-axis boxes. Unlike `nn.meta.unbox` it applies no sharding
+  constraint, so it also works on abstract or host values while a mesh is active."""
+  boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if boxed(x) else x, tree,
+                      is_leaf=boxed)
+
+
 def with_rules(rules: Rules):
   """Context manager installing the logical-axis rules for `nn.with_logical_constraint`."""
   return nn.logical_axis_rules(tuple((name, target) for name, target in rules))

@@ -66,6 +66,8 @@ align adds what the frozen LM must say from each candidate's compressed tokens:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -99,6 +101,9 @@ class PipelineConfig:
   image_root: str = ""  # Where image paths resolve when a record has no bytes; ''=data_dir
   # for source 'mbeir', none for 'tfds'.
   instructions_file: str = ""  # UniIR query_instructions.tsv; '' = one generic per task.
+  # jsonl of {"qid", "reference_cot"} (`retrv_jax.teacher` writes it): its CoTs replace the
+  # records' reference_cot by qid; a record it lacks keeps its own. '' = none.
+  cot_file: str = ""
   batch_size: int = 4  # Examples per batch on this process.
   seed: int = 0  # Shuffle seed.
   shuffle: bool = True  # Train stages; eval never shuffles.
@@ -110,7 +115,10 @@ class PipelineConfig:
   prompt_buckets: tuple[int, ...] = (256, 512, 1024)  # Padded prompt lengths T.
   max_candidate_tokens: int = 64  # Lc.
   compress_candidates: bool = True  # False: full candidate tokens in the prompt (no ICM).
+  teacher_prompt: bool = False  # Prompts end with the ground truth's teacher_instruction.
+  candidate_slots: tuple[str, ...] = ("con", "rel")  # Compressed tokens per candidate.
   padding_side: str = "right"  # Of prompts: 'right' or 'left'.
+  system_prompt: str = prompts.SYSTEM_PROMPT  # The system turn of every prompt.
   min_pixels: int = 56 * 56  # Image area bounds after resizing (Qwen smart_resize); the
   max_pixels: int = 56 * 56  # tiny default makes every image 4x4 patches = 4 LLM tokens.
   patch_size: int = 14  # Vision tower geometry (must match the model's vision config).
@@ -147,14 +155,16 @@ class PipelineConfig:
     unknown = sorted(set(values) - fields)
     if unknown:
       raise ValueError(f"unknown data config keys {unknown}; known: {sorted(fields)}")
-    tuples = {k: tuple(v) for k, v in values.items() if k in ("pairs", "prompt_buckets")}
+    tuples = {k: tuple(v) for k, v in values.items()
+              if k in ("pairs", "prompt_buckets", "candidate_slots")}
     return cls(**{**values, **tuples})
 
   def prompt_config(self) -> prompts.PromptConfig:
     return prompts.PromptConfig(
         num_candidates=self.num_candidates, prompt_buckets=tuple(self.prompt_buckets),
         max_candidate_tokens=self.max_candidate_tokens, merge_size=self.merge_size,
-        compress_candidates=self.compress_candidates, padding_side=self.padding_side)
+        compress_candidates=self.compress_candidates, candidate_slots=self.candidate_slots,
+        padding_side=self.padding_side, system_prompt=self.system_prompt)
 
   def image_config(self) -> ImageConfig:
     return ImageConfig(min_pixels=self.min_pixels, max_pixels=self.max_pixels,
@@ -185,9 +195,11 @@ def split_host_fields(batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], dic
 
 
 def read_source(config: PipelineConfig) -> grain.MapDataset:
-  """The split as a MapDataset of decoded records, from tfds files or the M-BEIR reader."""
+  """The split as a MapDataset of decoded records, from tfds files or the M-BEIR reader,
+  with `cot_file`'s CoTs as reference_cot where it has one."""
   if config.source == "tfds":
-    return tfds_mbeir.rerank_dataset(config.data_dir, config.split, config=config.pool)
+    return _with_cots(tfds_mbeir.rerank_dataset(config.data_dir, config.split,
+                                                config=config.pool), config)
   _check_choice("pool", config.pool, ("local", "global"))
   layout = mbeir.Layout(config.data_dir)
   examples = []
@@ -201,11 +213,44 @@ def read_source(config: PipelineConfig) -> grain.MapDataset:
     pool.close()
   if not examples:
     raise ValueError(f"no {config.split!r} examples under {config.data_dir}")
-  return grain.MapDataset.source(examples).map(_mbeir_record)
+  return _with_cots(grain.MapDataset.source(examples).map(_mbeir_record), config)
 
 
 def _mbeir_record(example: mbeir.RerankExample) -> dict[str, Any]:
   return tfds_mbeir.to_features(example, None)  # Images are read from their paths later.
+
+
+def read_cot_file(path: str) -> dict[str, str]:
+  """qid -> reference_cot from a `cot_file` (one JSON object per line; blank lines ignored)."""
+  cots, first_line = {}, {}
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from e
+      if not (isinstance(row, dict) and isinstance(row.get("qid"), str)
+              and isinstance(row.get("reference_cot"), str) and row["reference_cot"]):
+        raise ValueError(f"{path}:{number}: expected an object with a string 'qid' and a "
+                         "non-empty string 'reference_cot'")
+      qid = row["qid"]
+      if qid in cots:
+        raise ValueError(f"{path}:{number}: qid {qid!r} again (first on line "
+                         f"{first_line[qid]})")
+      cots[qid], first_line[qid] = row["reference_cot"], number
+  return cots
+
+
+def _with_cots(records: grain.MapDataset, config: PipelineConfig) -> grain.MapDataset:
+  if not config.cot_file:
+    return records
+  return records.map(functools.partial(_replace_cot, read_cot_file(config.cot_file)))
+
+
+def _replace_cot(cots: dict[str, str], record: dict[str, Any]) -> dict[str, Any]:
+  return dict(record, reference_cot=cots.get(record["qid"], record["reference_cot"]))
 
 
 def _instructions(config: PipelineConfig) -> dict[tuple[int, str, str], tuple[str, ...]]:
@@ -276,18 +321,20 @@ class _Prepare:
       grids.append(None if image is None else image[1])
       if image is not None:
         pixels.append(image[0])
+    gt_index = int(record["gt_index"])
     example = prompts.Example(
         instruction=self.instruction(record),
         query=prompts.Item(record["query_text"], grids[0]),
         candidates=tuple(prompts.Item(t, g) for t, g in zip(record["cand_texts"], grids[1:],
-                                                            strict=True)))
+                                                            strict=True)),
+        teacher_answer=gt_index + 1 if self.config.teacher_prompt and gt_index >= 0 else None)
     single = prompts.build_batch([example], self.tokenizer, self.prompt_config)  # Validates.
     rows = sum(len(p) for p in pixels)
     if rows > self.config.num_patches():
       raise ValueError(f"its images have {rows} patches, more than max_patches="
                        f"{self.config.num_patches()}")
     prepared = _Prepared(example, pixels, record["qid"], record["dataset"],
-                         int(record["task_id"]), int(record["gt_index"]))
+                         int(record["task_id"]), gt_index)
     if self.stage == "sft" and not record["reference_cot"]:
       raise ValueError("no reference_cot: the sft stage needs the teacher's response")
     prepared.targets = _stage_targets(

@@ -14,6 +14,9 @@ compresses and the DIM splices in after an inspection:
 
   <inspection-index-start>3<inspection-index-end><|cand_start|>{full tokens of 3}<|cand_end|>
 
+A teacher's prompt (`Example.teacher_answer` set) adds `\\n{teacher_instruction(answer)}`
+after the last candidate.
+
 Response: `<think>...</think><answer>idx</answer><|im_end|>`, the think block in four phases
 (`format_response`). Template strings are encoded with special tokens recognised; data
 (instructions, queries, candidates) never: a caption containing "<think>" stays text.
@@ -83,6 +86,9 @@ class Example:
   instruction: str
   query: Item
   candidates: tuple[Item, ...]
+  # The teacher's prompt (`retrv_jax.teacher`): the known 1-based answer, whose
+  # `teacher_instruction` ends the user turn. None: the re-ranker's own prompt.
+  teacher_answer: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +283,8 @@ def encode_prompt(
         prompt.image_spans[k + 1] = (start + image_start, image_len)
     if k + 1 < len(blocks):
       prompt.add(template("\n"))
+  if example.teacher_answer is not None:
+    prompt.add(template(f"\n{teacher_instruction(example.teacher_answer)}"))
   prompt.add(template("<|im_end|>\n<|im_start|>assistant\n"))
   return prompt
 

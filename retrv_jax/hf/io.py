@@ -26,6 +26,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from retrv_jax import parallel
 from retrv_jax.hf import keys as keys_lib
 from retrv_jax.hf.config import model_config_from_hf, model_config_to_hf
 from retrv_jax.models.config import ModelConfig
@@ -146,7 +147,6 @@ def _target_shardings(
     return traverse_util.flatten_dict(shardings, sep="/")
   if mesh is None:
     return {}
-  from retrv_jax import parallel
   from retrv_jax.models.qwen2_5_vl import abstract_params
 
   abstract = abstract_params(config)
@@ -159,7 +159,7 @@ def _check_model_shapes(abstract: Any, config: ModelConfig) -> None:
   """The key table and the Flax model must agree on every param path and shape."""
   model = {
       path: tuple(leaf.shape)
-      for path, leaf in traverse_util.flatten_dict(nn.meta.unbox(abstract), sep="/").items()
+      for path, leaf in traverse_util.flatten_dict(parallel.unbox(abstract), sep="/").items()
   }
   table = keys_lib.param_shapes(config)
   if model != table:

@@ -84,10 +84,15 @@ class RerankInputs:
                          method=Qwen25VL.embed)
     positions, next_position = get_rope_index(input_ids, attention_mask, image_grid_thw,
                                               config=model.config)
+    return cls.from_embeds(embeds, attention_mask, positions, next_position)
+
+  @classmethod
+  def from_embeds(cls, embeds, mask, positions, next_position) -> RerankInputs:
+    """A right-padded prompt given as embeddings `[B, T, D]`, with no candidate blocks."""
     b, _, d = embeds.shape
     return cls(
         prompt_embeds=embeds,
-        prompt_mask=jnp.asarray(attention_mask, bool),
+        prompt_mask=jnp.asarray(mask, bool),
         prompt_positions=positions,
         next_position=next_position,
         splice_ids=jnp.zeros((b, 1, 1), jnp.int32),

@@ -1,0 +1,96 @@
+"""Stage 0, for the embedded tiny model only: caption-and-compare pretraining, so that the
+tiny VLM stands in for a pretrained Qwen2.5-VL before the Retrv-R1 stages.
+
+The whole backbone (vision tower included) learns, from random init, to describe a
+candidate from its full tokens and to say how it relates to the query (`sequences`
+rows with the full block), plus plain language modelling of the prompt templates (the
+system prompt, the phase headings, the teacher instruction), so the words of the
+response format are not new to it. The real presets start from Qwen2.5-VL and skip it.
+
+The shipped model (`retrv_jax.stages.assets.TINY_PRETRAINED`) is this stage's output:
+  python -m retrv_jax.train --config=configs/pretrain.py
+  python -m retrv_jax.export_hf --init_checkpoint=workdir/pretrain/output \\
+      --out=retrv_jax/data/assets/tiny_pretrained --dtype=bfloat16
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from retrv_jax.data import prompts
+from retrv_jax.data.tokenizer import Tokenizer
+from retrv_jax.models import lora
+from retrv_jax.models.reranker import Reranker
+from retrv_jax.stages import sequences, trainer
+
+TRAINABLE = (r"^backbone/",)
+PIPELINE_STAGE = "align"
+# 'describe' (content and relation rows), 'template' (LM on the format texts), 'point'
+# (name the candidate of a numbered list that fits the query, full tokens).
+TASKS = ("describe", "template", "point")
+
+
+def template_ids(tokenizer: Tokenizer, num_candidates: int) -> np.ndarray:
+  """Every fixed text of the prompt and response formats, as one token sequence."""
+  ids = []
+  for text in prompts.template_texts(num_candidates):
+    ids += tokenizer.encode(text + "\n", allow_special=True)
+  return np.asarray(ids, np.int32)
+
+
+def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tokenizer, tx):
+  if model.compression.enabled:
+    raise ValueError("pretrain trains the backbone alone: set config.compression.enabled=False")
+  rows = sequences.DescribeRows(tokenizer, config.compression.max_query_tokens)
+  per_example = min(int(config.pretrain.candidates_per_example), config.data.num_candidates)
+  template = template_ids(tokenizer, config.data.num_candidates)
+  tasks = [t.strip() for t in str(config.pretrain.tasks).split(",") if t.strip()]
+  unknown = sorted(set(tasks) - set(TASKS))
+  if unknown or "describe" not in tasks:
+    raise ValueError(f"config.pretrain.tasks = {config.pretrain.tasks!r}: expected 'describe' "
+                     f"and any of {TASKS[1:]}, comma-separated")
+  point = sequences.PointRows(tokenizer, config.compression.max_query_tokens,
+                              config.data.num_candidates)
+
+  def template_loss(params):
+    apply = lambda fn, *a, **kw: model.apply({"params": params}, *a, method=fn, **kw)
+    ids = jnp.asarray(template)[None]
+    hidden = apply(lambda m, i: m.backbone(i, return_hidden=True), ids)
+    logits = apply(lambda m, h: m.backbone.logits(h), hidden[:, :-1]).astype(jnp.float32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)
+    return -jnp.sum(logp), jnp.float32(ids.shape[1] - 1)
+
+  def denominator(stacked):
+    index = jax.vmap(lambda g: sequences.candidate_order(g, config.data.num_candidates,
+                                                         per_example))(stacked["gt_index"])
+    targets = jax.vmap(sequences.DescribeTargets.from_batch)(stacked, index)
+    total = targets.num_tokens()
+    if "template" in tasks:
+      total += stacked["gt_index"].size * (len(template) - 1)
+    # The pointing answers (a couple of tokens per example) are averaged on their own, so
+    # the descriptions' hundreds of tokens do not drown them.
+    answers = jnp.sum(jax.vmap(point.targets)(stacked["gt_index"])[1], dtype=jnp.float32)
+    return jnp.stack([total, answers])
+
+  def loss_fn(trainable, frozen, batch, denom, rng):
+    del rng
+    params = lora.combine(trainable, frozen)
+    inputs = sequences.encode(model, params, batch)
+    loss, pairs = sequences.describe_loss(model, rows, params, batch, denom[0], inputs=inputs,
+                                          per_example=per_example, compressed=False)
+    if "template" in tasks:
+      # Once per example, so that micro-batching leaves the loss unchanged.
+      examples = batch["gt_index"].shape[0]
+      lm_loss, lm_count = (x * examples for x in template_loss(params))
+      pairs["template_loss"] = (lm_loss, lm_count)
+      loss += lm_loss / denom[0]
+    if "point" in tasks:
+      point_loss, point_count = point.loss(model, params, inputs, batch)
+      pairs["point_loss"] = (point_loss, point_count)
+      loss += point_loss / denom[1]
+    return loss, pairs
+
+  return trainer.supervised_step(loss_fn, denominator, tx)

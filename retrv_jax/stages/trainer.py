@@ -1,0 +1,210 @@
+"""The loop every stage runs: jitted steps, gradient accumulation, checkpoints, metrics.
+
+A stage supplies a jitted `step(state, frozen, micro_batches) -> (state, metrics)`, where
+`micro_batches` is a tuple of pipeline batches (one optimizer step; gradient accumulation
+is a scan over them) and `metrics` holds `(sum, count)` pairs plus `finite`. `run_loop`
+then owns everything around it:
+
+  resume      the latest checkpoint of `<stage dir>/checkpoints` (params, optimizer
+              state, step, RNG, the data iterator's state) or a fresh start;
+  checkpoints every `checkpoint.save_every_steps`, at the end, and on SIGTERM (then it
+              returns `stopped=True` and the caller exits);
+  non-finite  a step whose loss or gradient norm is NaN/Inf leaves the state unchanged
+              (inside jit); the loop saves that last good state, with the data iterator
+              past the bad batch (a resume skips it), and raises
+              `checkpoint.NonFiniteError` naming the step;
+  metrics     TensorBoard + metrics.jsonl in the stage dir, and a progress bar with ETA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from retrv_jax import checkpoint, metrics, optim, parallel
+from retrv_jax.data.pipeline import split_host_fields
+from retrv_jax.models.lora import combine
+
+StepFn = Callable[..., tuple[Any, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken.
+  trainable: Any  # The params the stage updates.
+  opt_state: Any
+  rng: jax.Array  # Typed PRNG key.
+
+  def as_dict(self) -> dict[str, Any]:
+    return {"step": self.step, "trainable": self.trainable, "opt_state": self.opt_state,
+            "rng": self.rng}
+
+
+def init_state(trainable: Any, tx: optax.GradientTransformation, rng: jax.Array,
+               mesh: Mesh | None = None) -> TrainState:
+  """Step 0. On a mesh, optimizer moments are created in the shards of their params and
+  the step and RNG are replicated, so every step sees the same layout (one compile)."""
+  step = jnp.zeros((), jnp.int32)
+  if mesh is None:
+    return TrainState(step=step, trainable=trainable, opt_state=jax.jit(tx.init)(trainable),
+                      rng=rng)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding,
+                                        jax.eval_shape(tx.init, trainable), param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+  return TrainState(step=jax.device_put(step, replicated), trainable=trainable,
+                    opt_state=opt_state, rng=jax.device_put(rng, replicated))
+
+
+def shardings_of(state: TrainState) -> TrainState:
+  """The state's shardings, for a step's `out_shardings`."""
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
+def stack_micro_batches(micro_batches: tuple[dict, ...]) -> dict:
+  return jax.tree.map(lambda *x: jnp.stack(x), *micro_batches)
+
+
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, pairs: dict,
+                    tx: optax.GradientTransformation, rng: jax.Array) -> tuple[TrainState, dict]:
+  """One optimizer update; a non-finite loss or gradient keeps the old params and moments."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = TrainState(step=state.step + finite.astype(jnp.int32),
+                         trainable=keep(trainable, state.trainable),
+                         opt_state=keep(opt_state, state.opt_state), rng=rng)
+  out = dict(pairs, loss=(loss, jnp.float32(1)), grad_norm=(grad_norm, jnp.float32(1)))
+  return new_state, {"pairs": out, "finite": finite, "loss": loss, "grad_norm": grad_norm}
+
+
+def supervised_step(loss_fn: Callable, denominator_fn: Callable,
+                    tx: optax.GradientTransformation, prepare: Callable | None = None) -> StepFn:
+  """A step over micro-batches whose summed loss equals the loss of one large batch.
+
+  loss_fn(trainable, frozen, micro_batch, denominator, rng) -> (loss share, metric pairs);
+  denominator_fn(stacked batch) -> the normaliser(s) of the whole step (e.g. target tokens;
+  an array holds one per loss term);
+  prepare(micro_batch, params) -> micro_batch, optional, runs first without gradients
+  (e.g. targets generated by the model itself).
+  """
+
+  def step(state: TrainState, frozen: Any, micro_batches: tuple[dict, ...]):
+    stacked = stack_micro_batches(micro_batches)
+    if prepare is not None:
+      params = jax.lax.stop_gradient(combine(state.trainable, frozen))
+      stacked = jax.lax.map(lambda b: prepare(b, params), stacked)
+    denominator = jnp.maximum(denominator_fn(stacked), 1.0)
+    keys = jax.random.split(state.rng, len(micro_batches) + 1)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(grads, xs):
+      batch, key = xs
+      (loss, pairs), g = grad_fn(state.trainable, frozen, batch, denominator, key)
+      return jax.tree.map(jnp.add, grads, g), (loss, pairs)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    grads, (losses, pairs) = jax.lax.scan(body, zeros, (stacked, keys[1:]))
+    pairs = jax.tree.map(lambda x: jnp.sum(x, axis=0), pairs)
+    return apply_gradients(state, grads, jnp.sum(losses), pairs, tx, keys[0])
+
+  return step
+
+
+@dataclasses.dataclass
+class Job:
+  """One stage's run: what `run_loop` needs besides the state."""
+
+  name: str
+  section: ml_collections.ConfigDict  # config.<stage>: steps, optim, checkpoint, log_every.
+  directory: str  # <workdir>/<stage>
+  iterator: Any  # grain iterator of per-process micro-batches.
+  micro_batches: int  # Micro-batches per optimizer step.
+  step_fn: StepFn  # Jitted: (state, frozen, micro_batches) -> (state, metrics).
+  frozen: Any
+  mesh: Any
+  extra_json: Callable[[int], dict] = lambda step: {}
+  host_metrics: Callable[[dict], dict] = lambda m: {}  # Extra scalars from the host side.
+
+
+def _next_micro_batches(job: Job) -> tuple[tuple[dict, ...], int]:
+  out, skipped = [], 0
+  for _ in range(job.micro_batches):
+    arrays, host = split_host_fields(next(job.iterator))
+    skipped += int(host.get("num_skipped", 0))
+    out.append(parallel.shard_batch(arrays, job.mesh))
+  return tuple(out), skipped
+
+
+def run_loop(job: Job, state: TrainState) -> tuple[TrainState, bool]:
+  """Trains `job.section.steps` steps from the latest checkpoint (or `state`).
+
+  Returns the final state and whether the run stopped early on SIGTERM.
+  """
+  section = job.section
+  total = int(section.steps)
+  ckpt = checkpoint.Checkpointer.from_config(os.path.join(job.directory, "checkpoints"),
+                                             section.checkpoint)
+  restored = ckpt.restore_latest(state.as_dict())
+  if restored is not None:
+    state = TrainState(**restored.state)
+    job.iterator.set_state(restored.data_state)
+    logging.info("%s: resumed from step %d", job.name, restored.step)
+  step = int(state.step)
+  writer = metrics.MetricWriter(job.directory)
+  progress = metrics.Progress(total, initial=step, desc=job.name)
+  acc, window_start, window_steps, stopped = None, time.perf_counter(), 0, False
+  try:
+    while step < total:
+      micro, skipped = _next_micro_batches(job)
+      state, out = job.step_fn(state, job.frozen, micro)
+      host = jax.device_get({k: out[k] for k in ("finite", "loss", "grad_norm")})
+      if not bool(host["finite"]):
+        ckpt.maybe_save(step, state.as_dict(), job.extra_json(step),
+                        data_state=job.iterator.get_state(), force=True)
+        ckpt.wait_until_finished()
+        raise checkpoint.NonFiniteError(step + 1, {"loss": float(host["loss"]),
+                                                   "grad_norm": float(host["grad_norm"])})
+      step += 1
+      window_steps += 1
+      pairs = dict(out["pairs"], skipped_records=(np.float32(skipped), np.float32(1)))
+      acc = metrics.accumulate(acc, pairs)
+      if step % int(section.log_every) == 0 or step == total:
+        seconds = time.perf_counter() - window_start
+        scalars = metrics.summarize(acc)
+        scalars.update(job.host_metrics(scalars))
+        scalars["step_time"] = seconds / window_steps
+        if "generated_tokens" in scalars:  # Sampled tokens per second (GRPO).
+          scalars["tokens_per_second"] = scalars["generated_tokens"] / scalars["step_time"]
+        scalars["learning_rate"] = optim.learning_rate_at(section.optim, step - 1)
+        writer.write_scalars(step, scalars)
+        progress.update(step, {k: scalars[k] for k in ("loss", "reward", "correct",
+                                                       "n_inspected") if k in scalars})
+        acc, window_start, window_steps = None, time.perf_counter(), 0
+      stopped = checkpoint.should_stop()
+      ckpt.maybe_save(step, state.as_dict(), job.extra_json(step),
+                      data_state=job.iterator.get_state(), force=stopped or step == total)
+      if stopped:
+        break
+    ckpt.wait_until_finished()
+  finally:
+    progress.close()
+    writer.close()
+    ckpt.close()
+  return state, stopped

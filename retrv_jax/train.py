@@ -1,0 +1,154 @@
+"""Train the Retrv-R1 re-ranker: the stages the config names, in order, then evaluation.
+
+  python -m retrv_jax.train --config=configs/grpo.py              # align -> sft -> grpo
+  python -m retrv_jax.train --config=configs/grpo.py:7b --config.init_checkpoint=DIR
+
+Every stage writes under `<workdir>/<stage>/`: `checkpoints/` (resume), TensorBoard and
+`metrics.jsonl`, and `output/` when it is done (its params; the next stage starts from
+it). Rerunning the command skips finished stages and resumes the running one from its
+latest checkpoint. The first stage starts from `config.init_checkpoint`. With
+`config.eval.after_each_stage`, the model is evaluated before the first stage
+('untrained') and after each one, into `<workdir>/results.json`; a GRPO run also writes
+`<workdir>/grpo_curves.png`. SIGTERM saves a checkpoint and exits; a non-finite loss
+stops the run naming the step, with the last good state saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+from absl import app, logging
+from ml_collections import config_flags
+
+from retrv_jax import checkpoint, evaluate, optim, parallel, plots
+from retrv_jax import config as config_lib
+from retrv_jax.data.pipeline import make_iterator
+from retrv_jax.data.tokenizer import Tokenizer
+from retrv_jax.models import lora
+from retrv_jax.models.reranker import Reranker
+from retrv_jax.stages import align, grpo, outputs, pretrain, setup, sft, trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo.py", "Training config.")
+
+STAGE_MODULES = {"pretrain": pretrain, "align": align, "sft": sft, "grpo": grpo}
+LORA_STAGES = ("sft", "grpo")  # The stages whose model carries LoRA adapters.
+
+
+def stage_dir(config: ml_collections.ConfigDict, name: str) -> str:
+  return os.path.join(os.path.abspath(config.workdir), name)
+
+
+def output_dir(config: ml_collections.ConfigDict, name: str) -> str:
+  return os.path.join(stage_dir(config, name), "output")
+
+
+def load_model(config, init: str, mesh, *, stage: str) -> tuple[Reranker, dict]:
+  """The model of `stage` and its starting params, vision attention sized to the data."""
+  model, params = setup.reranker_and_params(config, init, mesh=mesh, merge_lora=stage == "grpo",
+                                            lora=stage in LORA_STAGES)
+  data = setup.pipeline_config(config, batch_size=1)
+  return Reranker(setup.with_vision_blocks(model.config, data), model.compression), params
+
+
+def train_stage(config: ml_collections.ConfigDict, name: str, init: str, mesh,
+                tokenizer: Tokenizer) -> tuple[Reranker, dict] | None:
+  """Runs one stage to its end (or resumes it); None if stopped by SIGTERM."""
+  module = STAGE_MODULES[name]
+  section = config[name]
+  model, params = load_model(config, init, mesh, stage=name)
+  trainable, frozen = lora.partition(params, lora.path_regex(*module.TRAINABLE))
+  if name == "grpo":
+    frozen.update(grpo.frozen_extras(params))
+  tx = optim.make_optimizer(section.optim)
+  state = trainer.init_state(trainable, tx, jax.random.key(config.seed + 1), mesh)
+  micro = int(section.micro_batch_size) or int(section.batch_size)
+  if int(section.batch_size) % micro:
+    raise config_lib.ConfigError(f"config.{name}.batch_size = {section.batch_size}: expected "
+                                 f"a multiple of micro_batch_size = {micro}")
+  # Pretraining reads only the query's tokens from the prompt: the short, compressed layout.
+  layout = {"compress_candidates": True} if name == "pretrain" else {}
+  data = setup.pipeline_config(config, batch_size=setup.per_process(micro, f"{name}.batch_size"),
+                               split="train", seed_offset=list(STAGE_MODULES).index(name),
+                               **layout)
+  iterator = make_iterator(module.PIPELINE_STAGE, data, tokenizer)
+  step_fn = jax.jit(module.make_step(model, config, tokenizer, tx), donate_argnums=(0,),
+                    out_shardings=(trainer.shardings_of(state), None))
+  job = trainer.Job(
+      name=name, section=section, directory=stage_dir(config, name), iterator=iterator,
+      micro_batches=int(section.batch_size) // micro, step_fn=step_fn, frozen=frozen,
+      mesh=mesh, extra_json=lambda step: {"stage": name, "curriculum_step": step})
+  state, stopped = trainer.run_loop(job, state)
+  if stopped:
+    return None
+  frozen.pop(grpo.REFERENCE_ICM, None)
+  params = lora.combine(state.trainable, frozen)
+  saved_model = model.config.replace(vision=dataclasses.replace(
+      model.config.vision, max_patches_per_image=0))
+  outputs.save(output_dir(config, name), params, stage=name, step=int(state.step),
+               model_config=saved_model, compression=model.compression)
+  return model, params
+
+
+def evaluate_into_results(config, name: str, model: Reranker, params, tokenizer, mesh) -> None:
+  """Evaluates unless `results.json` already holds `name` (a resumed run)."""
+  path = os.path.join(os.path.abspath(config.workdir), evaluate.RESULTS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      if name in json.load(f):
+        return
+  scores = evaluate.evaluate_config(config, model, params, tokenizer, mesh)
+  evaluate.write_results(config.workdir, name, scores)
+  if jax.process_index() == 0:
+    headline = "  ".join(f"{k}={scores[k]:.3f}" for k in evaluate.HEADLINE if k in scores)
+    print(f"[eval {name}] {headline}", flush=True)
+
+
+def run(config: ml_collections.ConfigDict) -> bool:
+  """Runs the configured stages; returns False if stopped early (SIGTERM)."""
+  names = setup.stage_names(config)
+  config_lib.validate_mesh(config, jax.device_count())
+  mesh = parallel.create_mesh({axis: config.mesh[axis] for axis in parallel.MESH_AXES})
+  tokenizer = setup.tokenizer(config)
+  workdir = os.path.abspath(config.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    outputs.write_json(os.path.join(workdir, "config.json"),
+                       json.loads(config.to_json_best_effort()))
+  init = config.init_checkpoint
+  with jax.set_mesh(mesh), parallel.with_rules(tuple(config.mesh.rules)):
+    if config.eval.after_each_stage and names[0] != "pretrain":
+      model, params = load_model(config, init, mesh, stage=names[0])
+      evaluate_into_results(config, "untrained", model, params, tokenizer, mesh)
+    for name in names:
+      done = output_dir(config, name)
+      if outputs.is_stage_output(done):
+        logging.info("%s: finished earlier (%s)", name, done)
+        init = done
+        continue
+      result = train_stage(config, name, init, mesh, tokenizer)
+      if result is None:
+        logging.warning("%s: stopped by SIGTERM after saving; rerun to resume", name)
+        return False
+      init = done
+      if config.eval.after_each_stage and name != "pretrain":
+        evaluate_into_results(config, name, *result, tokenizer, mesh)
+  if "grpo" in names and jax.process_index() == 0:
+    plots.plot_curves(stage_dir(config, "grpo"), os.path.join(workdir, "grpo_curves.png"))
+  return True
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  parallel.maybe_initialize_distributed(**config.distributed)
+  checkpoint.install_sigterm_handler()
+  run(config)
+
+
+if __name__ == "__main__":
+  app.run(main)
