@@ -120,10 +120,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                       learning_rate=2e-3 if tiny else 1e-4, warmup_steps=10 if tiny else 100)
   config.sft.optim.end_lr_ratio = 0.2
   # Stage 3: GRPO with the curriculum efficiency reward (PAPER.md §5.3).
-  config.grpo = _stage(steps=24 if tiny else 1000, batch_size=2 if tiny else 64,
-                       learning_rate=5e-4 if tiny else 1e-5, warmup_steps=2 if tiny else 20)
-  config.grpo.log_every = 2 if tiny else 10
-  config.grpo.checkpoint.save_every_steps = 20 if tiny else 50
+  config.grpo = _stage(steps=48 if tiny else 1000, batch_size=2 if tiny else 64,
+                       learning_rate=3e-4 if tiny else 1e-5, warmup_steps=2 if tiny else 20)
+  config.grpo.log_every = 4 if tiny else 10
+  config.grpo.checkpoint.save_every_steps = 24 if tiny else 50
   config.grpo.group_size = 8  # G samples per prompt.
   # Sampling temperature; the learner scores the same tempered policy (top_k / top_p are
   # not applied by the learner: keep them off for training).
@@ -146,7 +146,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.split = "test"
   config.eval.batch_size = 50 if tiny else 64
-  config.eval.num_examples = 250 if tiny else 0  # 0: the whole split.
+  config.eval.num_examples = 0  # 0: the whole split.
   config.eval.max_new_tokens = config.grpo.get_ref("max_new_tokens")
   config.eval.after_each_stage = True
   # Recall@k scoring repeats each row's KV cache K times; chunks of this many candidates
