@@ -9,9 +9,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from tiny_bench import make_bench
 
 from retrv_jax import evaluate, parallel
-from retrv_jax.data import prompts, synthetic
+from retrv_jax.data import prompts
 from retrv_jax.data.pipeline import PipelineConfig, make_iterator
 from retrv_jax.data.tokenizer import load_tokenizer
 from retrv_jax.models import reranker
@@ -30,9 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("bench") / "synth")
-  synthetic.generate(root, synthetic.BenchmarkConfig(num_train=1, num_val=1, num_test=3, k=K,
-                                                     image_size=56, tasks=(0, 7)))
+  root = make_bench(tmp_path_factory, k=K, num_train=1, num_val=1, num_test=3)
   return root
 
 

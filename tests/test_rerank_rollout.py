@@ -4,8 +4,8 @@ rollout with inspections -> learner log-probs through encode equal the sampler's
 import jax
 import numpy as np
 import pytest
+from tiny_bench import make_bench
 
-from retrv_jax.data import synthetic
 from retrv_jax.data.pipeline import PipelineConfig, make_iterator, split_host_fields
 from retrv_jax.data.tokenizer import load_tokenizer
 from retrv_jax.models import reranker
@@ -20,9 +20,7 @@ K = 4
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("bench") / "synth")
-  synthetic.generate(root, synthetic.BenchmarkConfig(num_train=2, num_val=1, num_test=1, k=K,
-                                                     image_size=56, tasks=(0, 7)))
+  root = make_bench(tmp_path_factory, k=K, num_train=2, num_val=1, num_test=1)
   tok = load_tokenizer()
   config = PipelineConfig(data_dir=root, source="mbeir", batch_size=2, num_candidates=K,
                           prompt_buckets=(256,), max_candidate_tokens=32)

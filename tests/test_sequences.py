@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_bench import make_bench
 
-from retrv_jax.data import synthetic
 from retrv_jax.data.pipeline import PipelineConfig, make_iterator, split_host_fields
 from retrv_jax.data.tokenizer import load_tokenizer
 from retrv_jax.models import reranker
@@ -79,9 +79,7 @@ def test_select_candidates_flattens_in_example_order():
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory):
   """An align batch of one text query and one image query, encoded by a random model."""
-  root = str(tmp_path_factory.mktemp("bench") / "synth")
-  synthetic.generate(root, synthetic.BenchmarkConfig(num_train=2, num_val=1, num_test=1, k=K,
-                                                     image_size=56, tasks=(0, 7)))
+  root = make_bench(tmp_path_factory, k=K, num_train=2, num_val=1, num_test=1)
   tok = load_tokenizer()
   data = PipelineConfig(data_dir=root, source="mbeir", batch_size=4, num_candidates=K,
                         prompt_buckets=(256,), max_candidate_tokens=32,

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from hf_models import save_hf_model, tiny_config
 from test_tokenizer import build_qwen_like_tokenizer
+from tiny_bench import make_bench
 
 from retrv_jax import config as config_lib
 from retrv_jax import parallel, teacher
-from retrv_jax.data import pipeline, prompts, synthetic
+from retrv_jax.data import pipeline, prompts
 from retrv_jax.data.tokenizer import RETRV_TOKENS, add_retrv_tokens, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,9 +23,7 @@ K = 4
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("bench") / "synth")
-  synthetic.generate(root, synthetic.BenchmarkConfig(num_train=3, num_val=1, num_test=1, k=K,
-                                                     image_size=56, tasks=(0, 7)))
+  root = make_bench(tmp_path_factory, k=K, num_train=3, num_val=1, num_test=1)
   return root
 
 

@@ -16,9 +16,9 @@ import optax
 import pytest
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
+from tiny_bench import make_bench
 
 from retrv_jax import checkpoint, optim, parallel
-from retrv_jax.data import synthetic
 from retrv_jax.data.pipeline import PipelineConfig, make_iterator, split_host_fields
 from retrv_jax.data.tokenizer import load_tokenizer
 from retrv_jax.metrics import JSONL_NAME
@@ -82,9 +82,7 @@ def _jsonl(directory: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """A tiny re-ranker with non-zero LoRA B, its SFT step (jitted once) and pipeline."""
-  root = str(tmp_path_factory.mktemp("bench") / "synth")
-  synthetic.generate(root, synthetic.BenchmarkConfig(num_train=3, num_val=1, num_test=1, k=K,
-                                                     image_size=56, tasks=(0, 7)))
+  root = make_bench(tmp_path_factory, k=K, num_train=3, num_val=1, num_test=1)
   tok = load_tokenizer()
   data = PipelineConfig(data_dir=root, source="mbeir", batch_size=2, num_candidates=K,
                         prompt_buckets=(256,), max_candidate_tokens=32, max_response_tokens=192)
