@@ -316,9 +316,12 @@ def evaluate(
         continuations = continuation_ids(tokenizer, arrays["splice_ids"].shape[1])
       if mesh is not None:
         arrays = parallel.shard_batch(arrays, mesh)
-      # Every process reads every row (a global array is gathered, a local one copied).
-      out = multihost_utils.process_allgather(
-          step(params, arrays, *continuations, forced_tokens), tiled=True)
+      # Every process reads every row: gathered across processes, or copied to the host.
+      out = step(params, arrays, *continuations, forced_tokens)
+      if jax.process_count() > 1:
+        out = multihost_utils.process_allgather(out, tiled=True)
+      else:
+        out = jax.device_get(out)
       if num_examples:
         out["valid"] = out["valid"] & (np.cumsum(out["valid"]) <= num_examples - scored)
       rows.append(_score_rows(out, tokenizer, max_inspections=max_inspections, ks=RECALL_AT))

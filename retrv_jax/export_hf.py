@@ -27,11 +27,6 @@ from retrv_jax.models.compression import CompressionConfig
 from retrv_jax.models.config import ModelConfig
 from retrv_jax.stages import outputs
 
-_INIT = flags.DEFINE_string("init_checkpoint", None, "A stage output directory.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Hugging Face directory to write.", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                           "Storage dtype of the exported tensors.")
-
 
 def export(stage_output: str, out: str, *, dtype: str = "float32") -> None:
   """Writes the Hugging Face files of a stage output to `out` (replacing it)."""
@@ -54,11 +49,20 @@ def export(stage_output: str, out: str, *, dtype: str = "float32") -> None:
   logging.info("exported %s (%s) to %s", stage_output, info["stage"], out)
 
 
+def _define_flags() -> None:
+  """Flags of the command line (defined only when run as a program)."""
+  flags.DEFINE_string("init_checkpoint", None, "A stage output directory.", required=True)
+  flags.DEFINE_string("out", None, "Hugging Face directory to write.", required=True)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                    "Storage dtype of the exported tensors.")
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
-  export(_INIT.value, _OUT.value, dtype=_DTYPE.value)
-  print(f"wrote {_OUT.value}")
+  export(flags.FLAGS.init_checkpoint, flags.FLAGS.out, dtype=flags.FLAGS.dtype)
+  print(f"wrote {flags.FLAGS.out}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -21,10 +21,6 @@ from absl import app, flags
 from retrv_jax.data.tokenizer import add_retrv_tokens, resize_token_embeddings
 from retrv_jax.hf.io import load_pretrained, save_pretrained
 
-_SRC = flags.DEFINE_string("src", None, "Hugging Face Qwen2.5-VL directory.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Directory to write.", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Stored dtype.")
-
 
 def prepare(src: str, out: str, *, dtype: str = "bfloat16", seed: int = 0) -> int:
   """Writes the prepared checkpoint; returns how many tokens were added."""
@@ -39,11 +35,19 @@ def prepare(src: str, out: str, *, dtype: str = "bfloat16", seed: int = 0) -> in
   return added
 
 
+def _define_flags() -> None:
+  """Flags of the command line (defined only when run as a program)."""
+  flags.DEFINE_string("src", None, "Hugging Face Qwen2.5-VL directory.", required=True)
+  flags.DEFINE_string("out", None, "Directory to write.", required=True)
+  flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Stored dtype.")
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
-  added = prepare(_SRC.value, _OUT.value, dtype=_DTYPE.value)
-  print(f"wrote {_OUT.value} ({added} tokens added)")
+  added = prepare(flags.FLAGS.src, flags.FLAGS.out, dtype=flags.FLAGS.dtype)
+  print(f"wrote {flags.FLAGS.out} ({added} tokens added)")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
