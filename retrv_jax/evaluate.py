@@ -46,7 +46,7 @@ from retrv_jax.data.pipeline import make_iterator, split_host_fields
 from retrv_jax.data.tokenizer import Tokenizer
 from retrv_jax.models.decoder import KVCache
 from retrv_jax.models.qwen2_5_vl import Qwen25VL
-from retrv_jax.models.reranker import ENCODE_KEYS, Reranker, RerankInputs
+from retrv_jax.models.reranker import ENCODE_KEYS, Reranker, RerankInputs, encode_batch
 from retrv_jax.models.rope import text_positions
 from retrv_jax.rl import learner, sampler
 from retrv_jax.rl.sampler import SamplingParams, Trajectory
@@ -252,8 +252,7 @@ def eval_step(
     task_id.
   """
   backbone = Qwen25VL(model.config)
-  inputs = model.apply({"params": params}, {k: batch[k] for k in ENCODE_KEYS},
-                       method=Reranker.encode)
+  inputs = encode_batch(model, params, batch)
   traj = sampler.rollout(backbone, params["backbone"], inputs, jax.random.key(0),
                          sampling=sampling, forced_tokens=forced_tokens)
   scores = answer_logprobs(backbone, params["backbone"], inputs, traj, continuations,

@@ -11,14 +11,19 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
 from retrv_jax import parallel, train
-from retrv_jax.config import sibling_config
+from retrv_jax.config import ConfigError, sibling_config
+from retrv_jax.data.tokenizer import load_tokenizer
 from retrv_jax.metrics import JSONL_NAME
 from retrv_jax.models import lora
-from retrv_jax.stages import outputs, setup
+from retrv_jax.models.compression import CompressionConfig
+from retrv_jax.models.config import tiny
+from retrv_jax.models.reranker import Reranker
+from retrv_jax.stages import grpo, outputs, setup
 
 BASE = sibling_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
                                    "base.py"))
@@ -278,3 +283,12 @@ def test_rerun_skips_finished_stages(grpo_run, chain_config):
     assert os.path.getmtime(os.path.join(train.output_dir(chain_config, n),
                                          outputs.STAGE_FILE)) == before[n][1]
   assert os.path.isfile(os.path.join(chain_config.workdir, "grpo_curves.png"))
+
+
+@pytest.mark.parametrize("field", ["aggregation", "kl_estimator", "curriculum_schedule"])
+def test_a_bad_grpo_choice_is_named_before_any_compile(tmp_path, field):
+  config = _config(str(tmp_path), "grpo")
+  config.grpo[field] = "nonsense"
+  model = Reranker(tiny().replace(num_layers=1), CompressionConfig())
+  with pytest.raises(ConfigError, match=rf"config\.grpo\.{field} = 'nonsense'"):
+    grpo.make_step(model, config, load_tokenizer(), optax.sgd(0.1))

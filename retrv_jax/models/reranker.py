@@ -206,6 +206,12 @@ class Reranker(nn.Module):
     return self.prompt_logits(self.encode(batch))
 
 
+def encode_batch(model: Reranker, params: Any, batch: Mapping[str, Any]) -> RerankInputs:
+  """`Reranker.encode` of a pipeline batch (its other fields are ignored)."""
+  return model.apply({"params": params}, {k: batch[k] for k in ENCODE_KEYS},
+                     method=Reranker.encode)
+
+
 def _place_features(
     embeds: jax.Array, starts: jax.Array, counts: jax.Array, first: jax.Array,
     features: jax.Array,

@@ -17,7 +17,7 @@ import ml_collections
 from retrv_jax.data.tokenizer import Tokenizer
 from retrv_jax.models import lora
 from retrv_jax.models.qwen2_5_vl import Qwen25VL
-from retrv_jax.models.reranker import ENCODE_KEYS, Reranker, RerankInputs
+from retrv_jax.models.reranker import Reranker, RerankInputs, encode_batch
 from retrv_jax.rl import sampler
 from retrv_jax.stages import sequences, trainer
 
@@ -32,7 +32,7 @@ def self_targets(model: Reranker, rows: sequences.DescribeRows, params, batch, *
   reads (`sequences.candidate_order`) replaced by the frozen LM's own greedy outputs from
   their full tokens (at most `length` tokens, ending in eos)."""
   apply = lambda method, *a, **kw: model.apply({"params": params}, *a, method=method, **kw)
-  inputs = apply(Reranker.encode, {k: batch[k] for k in ENCODE_KEYS})
+  inputs = encode_batch(model, params, batch)
   b, k = batch["candidate_mask"].shape[:2]
   index = sequences.candidate_order(batch["gt_index"], k, per_example)
   rows_total = b * per_example
@@ -84,10 +84,7 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
                         eos=tokenizer.eos, pad=tokenizer.pad)
 
   def denominator(stacked):
-    index = jax.vmap(lambda g: sequences.candidate_order(g, config.data.num_candidates,
-                                                         per_example))(stacked["gt_index"])
-    targets = jax.vmap(sequences.DescribeTargets.from_batch)(stacked, index)
-    return targets.num_tokens(content, relation)
+    return sequences.described_tokens(stacked, per_example, content=content, relation=relation)
 
   def loss_fn(trainable, frozen, batch, denom, rng):
     del rng

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from retrv_jax.config import ConfigError
 from retrv_jax.data.tokenizer import Tokenizer
 from retrv_jax.models import lora
 from retrv_jax.models.qwen2_5_vl import Qwen25VL
-from retrv_jax.models.reranker import ENCODE_KEYS, Reranker
+from retrv_jax.models.reranker import Reranker, encode_batch
 from retrv_jax.rl import grpo as grpo_lib
 from retrv_jax.rl import learner, rewards, sampler
 from retrv_jax.stages import setup, trainer
@@ -63,21 +64,21 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
   loss_options = dict(epsilon_low=float(section.epsilon_low),
                       epsilon_high=float(section.epsilon_high), beta=beta,
                       kl_estimator=section.kl_estimator, aggregation=section.aggregation)
-  grpo_lib.loss_denominator(jnp.ones((1, 1)), section.aggregation)  # Validates it.
-  grpo_lib.kl_estimate(jnp.zeros(()), jnp.zeros(()), section.kl_estimator)
+  for field, allowed in (("aggregation", grpo_lib.AGGREGATIONS),
+                         ("kl_estimator", grpo_lib.KL_ESTIMATORS),
+                         ("curriculum_schedule", rewards.CURRICULUM_SCHEDULES)):
+    if section[field] not in allowed:
+      raise ConfigError(f"config.grpo.{field} = {section[field]!r}: expected one of {allowed}")
   chunk = int(section.logprob_chunk)
 
-  def encode(m: Reranker, params, batch):
-    return m.apply({"params": params}, {key: batch[key] for key in ENCODE_KEYS},
-                   method=Reranker.encode)
-
   def logprobs(m: Reranker, params, batch, traj):
-    return learner.token_logprobs(Qwen25VL(m.config), params["backbone"], encode(m, params, batch),
-                                  traj, group_size=group, temperature=sampling.temperature,
+    inputs = encode_batch(m, params, batch)
+    return learner.token_logprobs(Qwen25VL(m.config), params["backbone"], inputs, traj,
+                                  group_size=group, temperature=sampling.temperature,
                                   chunk_size=chunk)
 
   def sample(params, batch, key):
-    traj = sampler.rollout(backbone, params["backbone"], encode(model, params, batch), key,
+    traj = sampler.rollout(backbone, params["backbone"], encode_batch(model, params, batch), key,
                            sampling=sampling, group_size=group)
     return jax.tree.map(jax.lax.stop_gradient, traj)
 

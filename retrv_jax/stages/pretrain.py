@@ -23,7 +23,7 @@ import numpy as np
 from retrv_jax.data import prompts
 from retrv_jax.data.tokenizer import Tokenizer
 from retrv_jax.models import lora
-from retrv_jax.models.reranker import Reranker
+from retrv_jax.models.reranker import Reranker, encode_batch
 from retrv_jax.stages import sequences, trainer
 
 TRAINABLE = (r"^backbone/",)
@@ -64,10 +64,7 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
     return -jnp.sum(logp), jnp.float32(ids.shape[1] - 1)
 
   def denominator(stacked):
-    index = jax.vmap(lambda g: sequences.candidate_order(g, config.data.num_candidates,
-                                                         per_example))(stacked["gt_index"])
-    targets = jax.vmap(sequences.DescribeTargets.from_batch)(stacked, index)
-    total = targets.num_tokens()
+    total = sequences.described_tokens(stacked, per_example)
     if "template" in tasks:
       total += stacked["gt_index"].size * (len(template) - 1)
     # The pointing answers (a couple of tokens per example) are averaged on their own, so
@@ -78,7 +75,7 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
   def loss_fn(trainable, frozen, batch, denom, rng):
     del rng
     params = lora.combine(trainable, frozen)
-    inputs = sequences.encode(model, params, batch)
+    inputs = encode_batch(model, params, batch)
     loss, pairs = sequences.describe_loss(model, rows, params, batch, denom[0], inputs=inputs,
                                           per_example=per_example, compressed=False)
     if "template" in tasks:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retrv_jax.data.tokenizer import Tokenizer
-from retrv_jax.models.reranker import RerankInputs
+from retrv_jax.models.reranker import RerankInputs, encode_batch
 
 CONTENT_TEXTS = ("<|im_start|>user\nCandidate: ",
                  "\nDescribe the candidate.<|im_end|>\n<|im_start|>assistant\n")
@@ -174,6 +174,16 @@ class DescribeTargets:
     return total
 
 
+def described_tokens(stacked, per_example: int, *, content: bool = True,
+                     relation: bool = True) -> jax.Array:
+  """Target tokens the describe rows of stacked micro-batches `[n, B, ...]` score (the
+  candidates of `candidate_order`), known before the micro-batches run."""
+  k = stacked["candidate_mask"].shape[2]
+  index = jax.vmap(lambda g: candidate_order(g, k, per_example))(stacked["gt_index"])
+  targets = jax.vmap(DescribeTargets.from_batch)(stacked, index)
+  return targets.num_tokens(content, relation)
+
+
 class DescribeRows:
   """Builds the content and relation rows of a batch (module docstring) for one model."""
 
@@ -211,7 +221,7 @@ def describe_loss(model, rows: DescribeRows, params, batch, denominator, *, per_
   """
   apply = lambda method, *a, **kw: model.apply({"params": params}, *a, method=method, **kw)
   if inputs is None:
-    inputs = encode(model, params, batch)
+    inputs = encode_batch(model, params, batch)
   k = batch["candidate_mask"].shape[1]
   index = candidate_order(batch["gt_index"], k, per_example)
   targets = DescribeTargets.from_batch(batch, index)
@@ -240,14 +250,6 @@ def describe_loss(model, rows: DescribeRows, params, batch, denominator, *, per_
     pairs[name] = (loss, count)
     total += loss
   return total / denominator, pairs
-
-
-def encode(model, params, batch) -> RerankInputs:
-  """`Reranker.encode` of a pipeline batch."""
-  from retrv_jax.models.reranker import ENCODE_KEYS, Reranker
-
-  return model.apply({"params": params}, {k: batch[k] for k in ENCODE_KEYS},
-                     method=Reranker.encode)
 
 
 POINT_TEXTS = ("<|im_start|>user\nQuery: ", "\nCandidates:\n",

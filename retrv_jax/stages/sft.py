@@ -16,7 +16,7 @@ import ml_collections
 from retrv_jax.data.tokenizer import Tokenizer
 from retrv_jax.models import lora
 from retrv_jax.models.qwen2_5_vl import Qwen25VL
-from retrv_jax.models.reranker import ENCODE_KEYS, Reranker
+from retrv_jax.models.reranker import Reranker, encode_batch
 from retrv_jax.rl import learner
 from retrv_jax.rl.sampler import Trajectory
 from retrv_jax.stages import trainer
@@ -36,8 +36,7 @@ def response_trajectory(batch) -> Trajectory:
 
 def response_logprobs(model: Reranker, params, batch, chunk_size: int = 128):
   """Log-probs `[B, R]` of the response tokens given everything before them, and the mask."""
-  inputs = model.apply({"params": params}, {k: batch[k] for k in ENCODE_KEYS},
-                       method=Reranker.encode)
+  inputs = encode_batch(model, params, batch)
   return learner.token_logprobs(Qwen25VL(model.config), params["backbone"], inputs,
                                 response_trajectory(batch), group_size=1, chunk_size=chunk_size)
 

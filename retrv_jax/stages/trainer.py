@@ -140,7 +140,6 @@ class Job:
   frozen: Any
   mesh: Any
   extra_json: Callable[[int], dict] = lambda step: {}
-  host_metrics: Callable[[dict], dict] = lambda m: {}  # Extra scalars from the host side.
 
 
 def _next_micro_batches(job: Job) -> tuple[tuple[dict, ...], int]:
@@ -188,7 +187,6 @@ def run_loop(job: Job, state: TrainState) -> tuple[TrainState, bool]:
       if step % int(section.log_every) == 0 or step == total:
         seconds = time.perf_counter() - window_start
         scalars = metrics.summarize(acc)
-        scalars.update(job.host_metrics(scalars))
         scalars["step_time"] = seconds / window_steps
         if "generated_tokens" in scalars:  # Sampled tokens per second (GRPO).
           scalars["tokens_per_second"] = scalars["generated_tokens"] / scalars["step_time"]
