@@ -332,21 +332,28 @@ def evaluate(
   return _summarize({k: np.concatenate([r[k] for r in rows]) for k in rows[0]}, RECALL_AT)
 
 
+def read_results(workdir: str) -> dict[str, dict[str, float]]:
+  """`<workdir>/results.json` as `{name: metrics}`; {} when there is none yet."""
+  path = os.path.join(os.path.abspath(workdir), RESULTS_FILE)
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: not readable JSON ({e}); move it away to start afresh") from e
+  if not isinstance(results, dict):
+    raise ValueError(f"{path}: expected a JSON object {{name: metrics}}, got "
+                     f"{type(results).__name__}")
+  return results
+
+
 def write_results(workdir: str, name: str, metrics: Mapping[str, float]) -> str:
   """Merges `{name: metrics}` into `<workdir>/results.json` (process 0, atomic); its path."""
   path = os.path.join(os.path.abspath(workdir), RESULTS_FILE)
   if jax.process_index() != 0:
     return path
-  results = {}
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        results = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: not readable JSON ({e}); move it away to start afresh") from e
-    if not isinstance(results, dict):
-      raise ValueError(f"{path}: expected a JSON object {{name: metrics}}, got "
-                       f"{type(results).__name__}")
+  results = read_results(workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   results[name] = {k: float(v) for k, v in metrics.items()}
   outputs.write_json(path, results)

@@ -95,12 +95,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, init: str, mesh,
 
 
 def evaluate_into_results(config, name: str, model: Reranker, params, tokenizer, mesh) -> None:
-  """Evaluates unless `results.json` already holds `name` (a resumed run)."""
-  path = os.path.join(os.path.abspath(config.workdir), evaluate.RESULTS_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      if name in json.load(f):
-        return
+  """Evaluates into `results.json` under `name`."""
   scores = evaluate.evaluate_config(config, model, params, tokenizer, mesh)
   evaluate.write_results(config.workdir, name, scores)
   if jax.process_index() == 0:
@@ -121,22 +116,26 @@ def run(config: ml_collections.ConfigDict) -> bool:
                        json.loads(config.to_json_best_effort()))
   init = config.init_checkpoint
   with jax.set_mesh(mesh), parallel.with_rules(tuple(config.mesh.rules)):
-    if config.eval.after_each_stage and names[0] != "pretrain":
+    # Evaluations already in results.json (a resumed run) are not repeated.
+    evaluated = set(evaluate.read_results(workdir)) if config.eval.after_each_stage else set()
+    if config.eval.after_each_stage and names[0] != "pretrain" and "untrained" not in evaluated:
       model, params = load_model(config, init, mesh, stage=names[0])
       evaluate_into_results(config, "untrained", model, params, tokenizer, mesh)
     for name in names:
       done = output_dir(config, name)
       if outputs.is_stage_output(done):
         logging.info("%s: finished earlier (%s)", name, done)
-        init = done
-        continue
-      result = train_stage(config, name, init, mesh, tokenizer)
-      if result is None:
-        logging.warning("%s: stopped by SIGTERM after saving; rerun to resume", name)
-        return False
+        result = None
+      else:
+        result = train_stage(config, name, init, mesh, tokenizer)
+        if result is None:
+          logging.warning("%s: stopped by SIGTERM after saving; rerun to resume", name)
+          return False
       init = done
-      if config.eval.after_each_stage and name != "pretrain":
-        evaluate_into_results(config, name, *result, tokenizer, mesh)
+      if config.eval.after_each_stage and name != "pretrain" and name not in evaluated:
+        # A stage finished by an earlier run that stopped before its evaluation: its output.
+        model, params = result or load_model(config, done, mesh, stage=name)
+        evaluate_into_results(config, name, model, params, tokenizer, mesh)
   if "grpo" in names and jax.process_index() == 0:
     plots.plot_curves(stage_dir(config, "grpo"), os.path.join(workdir, "grpo_curves.png"))
   return True

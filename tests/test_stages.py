@@ -15,7 +15,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from retrv_jax import parallel, train
+from retrv_jax import config as config_lib
+from retrv_jax import evaluate, parallel, train
 from retrv_jax.config import ConfigError, sibling_config
 from retrv_jax.data.tokenizer import load_tokenizer
 from retrv_jax.metrics import JSONL_NAME
@@ -129,7 +130,7 @@ def _params(config, name: str, *, lora_stage: bool) -> dict:
   """A stage's output, loaded under its own model (no fresh parts)."""
   path = train.output_dir(config, name)
   info = outputs.read_info(path)
-  model = setup.model_config(config).replace(lora_rank=info["model"]["lora_rank"])
+  model = config_lib.model_config(config).replace(lora_rank=info["model"]["lora_rank"])
   icm = setup.compression_config(config).replace(enabled=info["compression"]["enabled"])
   params = outputs.load_params(path, model, icm, jax.random.key(0))
   assert lora_stage == any(lora.is_lora(p) for p in traverse_util.flatten_dict(params))
@@ -228,7 +229,7 @@ def test_align_trains_the_icm_alone(run, pretrain_run, request):
                                             lora_stage=False)["backbone"])
   # The ICM the stage started from: the one load_params adds with the run's seed.
   start = outputs.load_params(train.output_dir(pretrain_config, "pretrain"),
-                              setup.model_config(config).replace(lora_rank=0),
+                              config_lib.model_config(config).replace(lora_rank=0),
                               setup.compression_config(config), jax.random.key(config.seed),
                               mesh=_mesh())
   assert _differs(params["icm"], start["icm"])
@@ -283,6 +284,30 @@ def test_rerun_skips_finished_stages(grpo_run, chain_config):
     assert os.path.getmtime(os.path.join(train.output_dir(chain_config, n),
                                          outputs.STAGE_FILE)) == before[n][1]
   assert os.path.isfile(os.path.join(chain_config.workdir, "grpo_curves.png"))
+
+
+def test_rerun_evaluates_only_what_results_json_lacks(grpo_run, chain_config, monkeypatch):
+  # A run that stopped after finishing sft and grpo but before their evaluations.
+  config = chain_config.copy_and_resolve_references()
+  config.eval.after_each_stage = True
+  results = os.path.join(config.workdir, evaluate.RESULTS_FILE)
+  evaluate.write_results(config.workdir, "untrained", {"recall@1": 0.0})
+  evaluate.write_results(config.workdir, "align", {"recall@1": 0.0})
+  evaluated = []
+
+  def fake_evaluate(cfg, model, params, tokenizer, mesh):
+    evaluated.append(model.config.lora_rank > 0 and "backbone" in params)
+    return {"recall@1": 1.0}
+
+  monkeypatch.setattr(evaluate, "evaluate_config", fake_evaluate)
+  try:
+    assert train.run(config)
+    assert evaluated == [True, True]  # sft and grpo, each from its output, with adapters.
+    assert sorted(evaluate.read_results(config.workdir)) == ["align", "grpo", "sft",
+                                                             "untrained"]
+    assert evaluate.read_results(config.workdir)["align"]["recall@1"] == 0.0
+  finally:
+    os.remove(results)
 
 
 @pytest.mark.parametrize("field", ["aggregation", "kl_estimator", "curriculum_schedule"])

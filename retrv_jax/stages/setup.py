@@ -49,10 +49,6 @@ def compression_config(config: ml_collections.ConfigDict) -> CompressionConfig:
     raise ConfigError(f"config.compression: {e}") from e
 
 
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  return config_lib.model_config(config)
-
-
 def data_dir(config: ml_collections.ConfigDict) -> str:
   """`config.data.data_dir`, or the embedded benchmark (generated once into workdir/data)."""
   if config.data.data_dir:
@@ -117,7 +113,7 @@ def reranker_and_params(config: ml_collections.ConfigDict, init_checkpoint: str,
 
   lora=False builds the model without adapters (pretrain, align).
   """
-  model = model_config(config)
+  model = config_lib.model_config(config)
   if not lora:
     model = model.replace(lora_rank=0)
   icm = compression_config(config)
