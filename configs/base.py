@@ -59,7 +59,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Tokenizer: '' = the embedded tiny one; else a tokenizer.json or a checkpoint directory
   # holding one with the Retrv-R1 tokens (retrv_jax.data.tokenizer.add_retrv_tokens).
   config.tokenizer = ""
-  # Stages to run, in order, comma-separated: pretrain (tiny only), align, sft, grpo.
+  # Stages to run, in order, comma-separated: vision and pretrain (tiny only), align,
+  # sft, grpo.
   config.stages = "align,sft,grpo"
 
   # The information compression module (retrv_jax/models/compression.py).
@@ -104,9 +105,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.benchmark.num_test = 100
   config.benchmark.k = config.data.num_candidates
 
+  # Stage -1 (tiny only): the vision tower learns scene attributes from rendered images.
+  config.vision = _stage(steps=1000, batch_size=128, learning_rate=3e-3, warmup_steps=50)
+  config.vision.log_every = 50
+  config.vision.checkpoint.save_every_steps = 250
+  config.vision.image_size = 112  # Rendering side in pixels: the embedded benchmark's.
   # Stage 0 (tiny only): caption and compare pretraining of the whole tiny VLM.
   config.pretrain = _stage(steps=400, batch_size=8, learning_rate=1e-3, warmup_steps=50)
   config.pretrain.candidates_per_example = 4  # Described candidates per example.
+  # False: the vision tower stays as it starts (e.g. from the `vision` stage).
+  config.pretrain.train_vision = True
   config.pretrain.tasks = "describe,template"  # And/or 'point' (retrv_jax/stages/pretrain.py).
   # Stage 1: ICM self-alignment (LM frozen).
   config.align = _stage(steps=60 if tiny else 2000, batch_size=8 if tiny else 64,

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 from absl import app, logging
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from retrv_jax import checkpoint, evaluate, optim, parallel, plots
@@ -31,12 +32,17 @@ from retrv_jax.data.pipeline import make_iterator
 from retrv_jax.data.tokenizer import Tokenizer
 from retrv_jax.models import lora
 from retrv_jax.models.reranker import Reranker
-from retrv_jax.stages import align, grpo, outputs, pretrain, setup, sft, trainer
+from retrv_jax.stages import align, grpo, outputs, pretrain, setup, sft, trainer, vision
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo.py", "Training config.")
 
-STAGE_MODULES = {"pretrain": pretrain, "align": align, "sft": sft, "grpo": grpo}
+# A stage's data seed is config.seed + its place here: `vision`, added last, keeps the
+# others' seeds (and the shipped tiny model reproducible).
+STAGE_MODULES = {"pretrain": pretrain, "align": align, "sft": sft, "grpo": grpo,
+                 "vision": vision}
 LORA_STAGES = ("sft", "grpo")  # The stages whose model carries LoRA adapters.
+# The tiny model's own pretraining: no re-ranker to evaluate before or after them.
+PRETRAINING_STAGES = ("vision", "pretrain")
 
 
 def stage_dir(config: ml_collections.ConfigDict, name: str) -> str:
@@ -61,7 +67,14 @@ def train_stage(config: ml_collections.ConfigDict, name: str, init: str, mesh,
   module = STAGE_MODULES[name]
   section = config[name]
   model, params = load_model(config, init, mesh, stage=name)
-  trainable, frozen = lora.partition(params, lora.path_regex(*module.TRAINABLE))
+  extra = getattr(module, "EXTRA_PARAMS", ())  # Stage-only params, dropped from the output.
+  if extra:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = {**params, **jax.device_put(
+        module.extra_params(config, jax.random.key(config.seed + 2)), replicated)}
+  patterns = (module.trainable_patterns(config) if hasattr(module, "trainable_patterns")
+              else module.TRAINABLE)
+  trainable, frozen = lora.partition(params, lora.path_regex(*patterns))
   if name == "grpo":
     frozen.update(grpo.frozen_extras(params))
   tx = optim.make_optimizer(section.optim)
@@ -72,10 +85,14 @@ def train_stage(config: ml_collections.ConfigDict, name: str, init: str, mesh,
                                  f"a multiple of micro_batch_size = {micro}")
   # Pretraining reads only the query's tokens from the prompt: the short, compressed layout.
   layout = {"compress_candidates": True} if name == "pretrain" else {}
-  data = setup.pipeline_config(config, batch_size=setup.per_process(micro, f"{name}.batch_size"),
+  local_micro = setup.per_process(micro, f"{name}.batch_size")
+  data = setup.pipeline_config(config, batch_size=local_micro,
                                split="train", seed_offset=list(STAGE_MODULES).index(name),
                                **layout)
-  iterator = make_iterator(module.PIPELINE_STAGE, data, tokenizer)
+  if hasattr(module, "make_iterator"):  # A stage with its own data (vision).
+    iterator = module.make_iterator(config, local_micro)
+  else:
+    iterator = make_iterator(module.PIPELINE_STAGE, data, tokenizer)
   step_fn = jax.jit(module.make_step(model, config, tokenizer, tx), donate_argnums=(0,),
                     out_shardings=(trainer.shardings_of(state), None))
   job = trainer.Job(
@@ -87,6 +104,8 @@ def train_stage(config: ml_collections.ConfigDict, name: str, init: str, mesh,
     return None
   frozen.pop(grpo.REFERENCE_ICM, None)
   params = lora.combine(state.trainable, frozen)
+  for key in extra:
+    params.pop(key)
   saved_model = model.config.replace(vision=dataclasses.replace(
       model.config.vision, max_patches_per_image=0))
   outputs.save(output_dir(config, name), params, stage=name, step=int(state.step),
@@ -118,7 +137,8 @@ def run(config: ml_collections.ConfigDict) -> bool:
   with jax.set_mesh(mesh), parallel.with_rules(tuple(config.mesh.rules)):
     # Evaluations already in results.json (a resumed run) are not repeated.
     evaluated = set(evaluate.read_results(workdir)) if config.eval.after_each_stage else set()
-    if config.eval.after_each_stage and names[0] != "pretrain" and "untrained" not in evaluated:
+    if (config.eval.after_each_stage and names[0] not in PRETRAINING_STAGES
+        and "untrained" not in evaluated):
       model, params = load_model(config, init, mesh, stage=names[0])
       evaluate_into_results(config, "untrained", model, params, tokenizer, mesh)
     for name in names:
@@ -132,7 +152,8 @@ def run(config: ml_collections.ConfigDict) -> bool:
           logging.warning("%s: stopped by SIGTERM after saving; rerun to resume", name)
           return False
       init = done
-      if config.eval.after_each_stage and name != "pretrain" and name not in evaluated:
+      if (config.eval.after_each_stage and name not in PRETRAINING_STAGES
+          and name not in evaluated):
         # A stage finished by an earlier run that stopped before its evaluation: its output.
         model, params = result or load_model(config, done, mesh, stage=name)
         evaluate_into_results(config, name, model, params, tokenizer, mesh)

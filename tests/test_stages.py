@@ -1,5 +1,5 @@
 """Three steps of every training stage on a micro config, through `retrv_jax.train`:
-pretrain -> align (data targets) -> sft -> grpo, and align with self targets. Each stage
+vision -> pretrain -> align (data targets) -> sft -> grpo, and align with self targets. Each stage
 writes its output and metrics, trains only its own params, compiles its step once; the
 sampler and the learner agree in GRPO; a rerun of `train.run` skips finished stages."""
 
@@ -18,6 +18,7 @@ from flax import traverse_util
 from retrv_jax import config as config_lib
 from retrv_jax import evaluate, parallel, train
 from retrv_jax.config import ConfigError, sibling_config
+from retrv_jax.data import scene_images
 from retrv_jax.data.tokenizer import load_tokenizer
 from retrv_jax.metrics import JSONL_NAME
 from retrv_jax.models import lora
@@ -70,6 +71,7 @@ def _config(workdir: str, stages: str, **changes):
     section.optim.total_steps = STEPS
     section.optim.warmup_steps = 1
     section.checkpoint.save_every_steps = 2
+  config.vision.image_size = 56
   config.pretrain.candidates_per_example = 2
   config.align.candidates_per_example = 2
   config.grpo.group_size = 2
@@ -177,9 +179,16 @@ def chain_config(workdir):
 
 
 @pytest.fixture(scope="module")
-def pretrain_run(workdir):
-  config = _config(workdir, "pretrain", **{"compression.enabled": False})
-  return config, _train(config, "pretrain", "")
+def vision_run(workdir):
+  config = _config(workdir, "vision,pretrain", **{"compression.enabled": False,
+                                                   "pretrain.train_vision": False})
+  return config, _train(config, "vision", "")
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(vision_run):
+  config, _ = vision_run
+  return config, _train(config, "pretrain", train.output_dir(config, "vision"))
 
 
 @pytest.fixture(scope="module")
@@ -207,14 +216,32 @@ def align_self_run(pretrain_run, workdir, chain_config):
 # ------------------------------------------------------------------ the checks
 
 
-def test_pretrain_trains_the_backbone_alone(pretrain_run):
+def test_vision_trains_the_vision_tower_alone(vision_run):
+  config, _ = vision_run
+  lines = _check_stage(config, "vision")
+  for name, _, _ in scene_images.HEADS:
+    assert all(0 <= r[f"{name}_accuracy"] <= 1 for r in lines), name
+  params = _params(config, "vision", lora_stage=False)
+  assert set(params) == {"backbone"}  # The attribute heads are not in the output.
+  start = outputs.load_params("", config_lib.model_config(config).replace(lora_rank=0),
+                              setup.compression_config(config), jax.random.key(config.seed))
+  visual = lambda p: lora.partition(p["backbone"], lora.path_regex(r"^visual/"))
+  _assert_equal(visual(params)[1], visual(start)[1])
+  assert _differs(visual(params)[0], visual(start)[0])
+
+
+def test_pretrain_trains_the_language_model_alone(pretrain_run):
   config, _ = pretrain_run
   lines = _check_stage(config, "pretrain")
   assert all(math.isfinite(r["template_loss"]) and math.isfinite(r["content_loss"])
              and math.isfinite(r["relation_loss"]) for r in lines)
   info = outputs.read_info(train.output_dir(config, "pretrain"))
   assert not info["compression"]["enabled"] and info["model"]["lora_rank"] == 0
-  assert set(_params(config, "pretrain", lora_stage=False)) == {"backbone"}
+  params = _params(config, "pretrain", lora_stage=False)
+  assert set(params) == {"backbone"}
+  start = _params(config, "vision", lora_stage=False)["backbone"]
+  _assert_equal(params["backbone"]["visual"], start["visual"])
+  assert _differs(params["backbone"]["language_model"], start["language_model"])
 
 
 @pytest.mark.parametrize("run", ["align_run", "align_self_run"])
@@ -263,8 +290,8 @@ def test_grpo_sampler_and_learner_agree(grpo_run):
   _params(config, "grpo", lora_stage=True)
 
 
-@pytest.mark.parametrize("run", ["pretrain_run", "align_run", "align_self_run", "sft_run",
-                                 "grpo_run"])
+@pytest.mark.parametrize("run", ["vision_run", "pretrain_run", "align_run", "align_self_run",
+                                 "sft_run", "grpo_run"])
 def test_each_stage_compiles_its_step_once(run, request):
   """On a multi-device mesh, step 2 must reuse step 1's executable (STYLE.md habit 4)."""
   _, compiles = request.getfixturevalue(run)

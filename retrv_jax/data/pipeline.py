@@ -187,7 +187,7 @@ def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
 def split_host_fields(batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(arrays for `parallel.shard_batch`, host-only fields: qid, dataset, num_skipped)."""
   arrays = {k: v for k, v in batch.items() if k not in HOST_FIELDS}
-  return arrays, {k: batch[k] for k in HOST_FIELDS}
+  return arrays, {k: batch[k] for k in HOST_FIELDS if k in batch}
 
 
 # ---------------------------------------------------------------------------------------

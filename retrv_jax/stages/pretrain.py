@@ -1,11 +1,13 @@
 """Stage 0, for the embedded tiny model only: caption-and-compare pretraining, so that the
 tiny VLM stands in for a pretrained Qwen2.5-VL before the Retrv-R1 stages.
 
-The whole backbone (vision tower included) learns, from random init, to describe a
-candidate from its full tokens and to say how it relates to the query (`sequences`
-rows with the full block), plus plain language modelling of the prompt templates (the
-system prompt, the phase headings, the teacher instruction), so the words of the
-response format are not new to it. The real presets start from Qwen2.5-VL and skip it.
+The whole backbone learns, from random init, to describe a candidate from its full
+tokens and to say how it relates to the query (`sequences` rows with the full block),
+plus plain language modelling of the prompt templates (the system prompt, the phase
+headings, the teacher instruction), so the words of the response format are not new to
+it. After the `vision` stage, `config.pretrain.train_vision=False` keeps the tower it
+trained (the language model's noisy early gradients would wash out the object attributes
+learned there). The real presets start from Qwen2.5-VL and skip it.
 
 The shipped model (`retrv_jax.stages.assets.TINY_PRETRAINED`) is this stage's output:
   python -m retrv_jax.train --config=configs/pretrain.py
@@ -27,10 +29,15 @@ from retrv_jax.models.reranker import Reranker, encode_batch
 from retrv_jax.stages import sequences, trainer
 
 TRAINABLE = (r"^backbone/",)
+TRAINABLE_WITHOUT_VISION = (r"^backbone/(?!visual/)",)
 PIPELINE_STAGE = "align"
 # 'describe' (content and relation rows), 'template' (LM on the format texts), 'point'
 # (name the candidate of a numbered list that fits the query, full tokens).
 TASKS = ("describe", "template", "point")
+
+
+def trainable_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return TRAINABLE if config.pretrain.train_vision else TRAINABLE_WITHOUT_VISION
 
 
 def template_ids(tokenizer: Tokenizer, num_candidates: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from retrv_jax.rl.rewards import FormatTokens
 from retrv_jax.rl.sampler import SamplingParams
 from retrv_jax.stages import outputs
 
-STAGES = ("pretrain", "align", "sft", "grpo")
+STAGES = ("vision", "pretrain", "align", "sft", "grpo")
 
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
