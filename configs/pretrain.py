@@ -1,11 +1,13 @@
 """The embedded tiny model's own pretraining from random init, whose output is shipped as
-the tiny default's start: caption-and-compare pretraining of the whole VLM
-(retrv_jax/stages/pretrain.py). With `--config.stages=vision,pretrain
---config.pretrain.train_vision=False` the vision tower first learns scene attributes from
-rendered images (retrv_jax/stages/vision.py) and pretraining keeps it (see the README for
-what that gives).
+the tiny default's start (retrv_jax/stages/pretrain.py): the vision tower first learns
+scene attributes from rendered images (retrv_jax/stages/vision.py), then the whole VLM
+learns to caption a candidate and say how it relates to the query, then (a second run from
+that output) to say how it relates alone:
 
-  python -m retrv_jax.train --config=configs/pretrain.py
+  python -m retrv_jax.train --config=configs/pretrain.py          # into workdir_pretrain
+  python -m retrv_jax.train --config=configs/pretrain.py:relate   # from it, into workdir_relate
+  python -m retrv_jax.export_hf --init_checkpoint=workdir_relate/pretrain/output \\
+      --out=retrv_jax/data/assets/tiny_pretrained --dtype=bfloat16
 """
 
 from retrv_jax.config import sibling_config
@@ -14,20 +16,37 @@ base = sibling_config(__file__)
 
 
 def get_config(arg: str = "tiny"):
-  if (arg or "tiny") != "tiny":
-    raise ValueError("configs/pretrain.py: only the tiny model is pretrained here; the 3b and "
-                     "7b presets start from the public Qwen2.5-VL checkpoints")
+  """'tiny': vision, then caption-and-compare pretraining from random init; 'relate': the
+  relation rows alone, from that output."""
+  phase = arg or "tiny"
+  if phase not in ("tiny", "relate"):
+    raise ValueError(f"configs/pretrain.py:{phase}: expected 'tiny' or 'relate'; only the tiny "
+                     "model is pretrained here, the 3b and 7b presets start from the public "
+                     "Qwen2.5-VL checkpoints")
   config = base.get_config("tiny")
-  config.stages = "pretrain"
+  config.stages = "vision,pretrain"
+  config.workdir = "workdir_pretrain"
   config.init_checkpoint = ""  # Random init.
   config.compression.enabled = False  # The backbone alone.
   config.model.lora_rank = 0
   config.eval.after_each_stage = False
-  # The shipped model: 400 steps of a cosine schedule laid out over 1000 (about 25 minutes
-  # on 2 CPU cores; the loss is still falling slowly there, longer runs give a better tiny
-  # model). The vision stage, when named: 1000 steps of 128 scenes, about 4 minutes.
+  config.pretrain.log_every = 20
+  if phase == "relate":
+    # Once the captions are learned, the relation rows alone teach the comparison: 300
+    # steps of 16 examples x 4 candidates (about 22 minutes on 2 CPU cores).
+    config.stages = "pretrain"
+    config.workdir = "workdir_relate"
+    config.init_checkpoint = "workdir_pretrain/pretrain/output"
+    config.pretrain.tasks = "relate,template"
+    config.pretrain.batch_size = 16
+    config.pretrain.steps = 300
+    config.pretrain.optim.total_steps = 300
+    config.pretrain.optim.warmup_steps = 20
+    return config
+  # The vision stage: 1000 steps of 128 scenes (about 4 minutes on 2 CPU cores). Then 400
+  # steps of a cosine schedule laid out over 1000 (about 22 minutes; the content loss is
+  # still falling there).
   config.pretrain.steps = 400
   config.pretrain.optim.total_steps = 1000
   config.pretrain.optim.warmup_steps = 50
-  config.pretrain.log_every = 20
   return config

@@ -142,16 +142,20 @@ def test_accumulated_micro_batches_equal_one_large_batch(setup):
     assert norms and max(norms) > 0, group
 
 
-def test_pretrain_accumulation_equals_one_large_batch(setup):
+def _pretrain_config(tasks: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"compression": {"max_query_tokens": 64},
+                                    "pretrain": {"candidates_per_example": 2, "tasks": tasks},
+                                    "data": {"num_candidates": K}})
+
+
+@pytest.mark.parametrize("tasks", ["describe,template,point", "relate,template"])
+def test_pretrain_accumulation_equals_one_large_batch(setup, tasks):
   """The template LM term of `pretrain` must not weigh more with more micro-batches."""
   model_config = _small_model()
   icm = CompressionConfig(enabled=False)
   params = jax.jit(lambda key: outputs.load_params("", model_config, icm, key))(jax.random.key(0))
   trainable, frozen = lora.partition(params, lora.path_regex(*pretrain.TRAINABLE))
-  config = ml_collections.ConfigDict({"compression": {"max_query_tokens": 64},
-                                      "pretrain": {"candidates_per_example": 2,
-                                                   "tasks": "describe,template,point"},
-                                      "data": {"num_candidates": K}})
+  config = _pretrain_config(tasks)
   tx = optax.sgd(0.05)
   step = jax.jit(pretrain.make_step(Reranker(model_config, icm), config, setup.tok, tx))
   two, _ = _batches(setup, 2, 2, stage="align")
@@ -164,6 +168,17 @@ def test_pretrain_accumulation_equals_one_large_batch(setup):
   np.testing.assert_allclose(out_two["loss"], out_one["loss"], rtol=1e-5)
   np.testing.assert_allclose(out_two["grad_norm"], out_one["grad_norm"], rtol=1e-4)
   _assert_close(after_two.trainable, after_one.trainable, rtol=0, atol=1e-7)
+  # 'relate' scores the relation rows alone.
+  assert "relation_loss" in out_one["pairs"]
+  assert ("content_loss" in out_one["pairs"]) == tasks.startswith("describe")
+
+
+@pytest.mark.parametrize("tasks", ["template", "describe,relate", "describe,caption"])
+def test_pretrain_rejects_bad_tasks(setup, tasks):
+  icm = CompressionConfig(enabled=False)
+  with pytest.raises(ValueError, match="config.pretrain.tasks"):
+    pretrain.make_step(Reranker(_small_model(), icm), _pretrain_config(tasks), setup.tok,
+                       optax.sgd(0.1))
 
 
 def _job(setup, directory: str, step_fn, *, save_every: int = 2) -> trainer.Job:

@@ -5,14 +5,13 @@ The whole backbone learns, from random init, to describe a candidate from its fu
 tokens and to say how it relates to the query (`sequences` rows with the full block),
 plus plain language modelling of the prompt templates (the system prompt, the phase
 headings, the teacher instruction), so the words of the response format are not new to
-it. After the `vision` stage, `config.pretrain.train_vision=False` keeps the tower it
-trained (the language model's noisy early gradients would wash out the object attributes
-learned there). The real presets start from Qwen2.5-VL and skip it.
+it. Once the captions are learned, 'relate' (the relation rows alone) teaches the
+comparison the describe mix leaves at background level. After the `vision` stage,
+`config.pretrain.train_vision=False` would keep the tower as trained there (the shipped
+model lets it tune: see the README). The real presets start from Qwen2.5-VL and skip it.
 
-The shipped model (`retrv_jax.stages.assets.TINY_PRETRAINED`) is this stage's output:
-  python -m retrv_jax.train --config=configs/pretrain.py
-  python -m retrv_jax.export_hf --init_checkpoint=workdir/pretrain/output \\
-      --out=retrv_jax/data/assets/tiny_pretrained --dtype=bfloat16
+The shipped model (`retrv_jax.stages.assets.TINY_PRETRAINED`) is this stage's output, by
+the commands in configs/pretrain.py's docstring.
 """
 
 from __future__ import annotations
@@ -31,9 +30,10 @@ from retrv_jax.stages import sequences, trainer
 TRAINABLE = (r"^backbone/",)
 TRAINABLE_WITHOUT_VISION = (r"^backbone/(?!visual/)",)
 PIPELINE_STAGE = "align"
-# 'describe' (content and relation rows), 'template' (LM on the format texts), 'point'
-# (name the candidate of a numbered list that fits the query, full tokens).
-TASKS = ("describe", "template", "point")
+# 'describe' (content and relation rows) or 'relate' (relation rows only: how a candidate
+# differs from the query's target, once the captions are learned), 'template' (LM on the
+# format texts), 'point' (name the candidate of a numbered list that fits the query).
+TASKS = ("describe", "relate", "template", "point")
 
 
 def trainable_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -56,9 +56,10 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
   template = template_ids(tokenizer, config.data.num_candidates)
   tasks = [t.strip() for t in str(config.pretrain.tasks).split(",") if t.strip()]
   unknown = sorted(set(tasks) - set(TASKS))
-  if unknown or "describe" not in tasks:
-    raise ValueError(f"config.pretrain.tasks = {config.pretrain.tasks!r}: expected 'describe' "
-                     f"and any of {TASKS[1:]}, comma-separated")
+  if unknown or ("describe" in tasks) == ("relate" in tasks):
+    raise ValueError(f"config.pretrain.tasks = {config.pretrain.tasks!r}: expected one of "
+                     f"'describe' or 'relate' and any of {TASKS[2:]}, comma-separated")
+  content = "describe" in tasks
   point = sequences.PointRows(tokenizer, config.compression.max_query_tokens,
                               config.data.num_candidates)
 
@@ -71,7 +72,7 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
     return -jnp.sum(logp), jnp.float32(ids.shape[1] - 1)
 
   def denominator(stacked):
-    total = sequences.described_tokens(stacked, per_example)
+    total = sequences.described_tokens(stacked, per_example, content=content)
     if "template" in tasks:
       total += stacked["gt_index"].size * (len(template) - 1)
     # The pointing answers (a couple of tokens per example) are averaged on their own, so
@@ -84,7 +85,8 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
     params = lora.combine(trainable, frozen)
     inputs = encode_batch(model, params, batch)
     loss, pairs = sequences.describe_loss(model, rows, params, batch, denom[0], inputs=inputs,
-                                          per_example=per_example, compressed=False)
+                                          per_example=per_example, compressed=False,
+                                          content=content)
     if "template" in tasks:
       # Once per example, so that micro-batching leaves the loss unchanged.
       examples = batch["gt_index"].shape[0]

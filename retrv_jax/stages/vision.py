@@ -6,8 +6,8 @@ the background, and per cell of the 3 x 3 grid whether it holds an object and th
 object's colour, shape and size. Only the vision tower (`backbone/visual`) and the heads
 learn; the heads are dropped from the stage's output. Captioning (`pretrain`) from
 random init teaches the tower the background colour and nothing about the objects; after
-this stage, with the tower kept (`pretrain.train_vision=False`), the captions name them.
-Opt-in (`configs/pretrain.py`); the README records what it gives downstream.
+this stage the captions name them. The shipped tiny model starts here
+(`configs/pretrain.py`); the README records what it gives downstream.
 """
 
 from __future__ import annotations
