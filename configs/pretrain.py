@@ -10,9 +10,12 @@ that output) to say how it relates alone:
       --out=retrv_jax/data/assets/tiny_pretrained --dtype=bfloat16
 """
 
+import os
+
 from retrv_jax.config import sibling_config
 
 base = sibling_config(__file__)
+FIRST_WORKDIR = "workdir_pretrain"  # The first phase's; the 'relate' phase starts from it.
 
 
 def get_config(arg: str = "tiny"):
@@ -25,7 +28,7 @@ def get_config(arg: str = "tiny"):
                      "Qwen2.5-VL checkpoints")
   config = base.get_config("tiny")
   config.stages = "vision,pretrain"
-  config.workdir = "workdir_pretrain"
+  config.workdir = FIRST_WORKDIR
   config.init_checkpoint = ""  # Random init.
   config.compression.enabled = False  # The backbone alone.
   config.model.lora_rank = 0
@@ -36,7 +39,7 @@ def get_config(arg: str = "tiny"):
     # steps of 16 examples x 4 candidates (about 22 minutes on 2 CPU cores).
     config.stages = "pretrain"
     config.workdir = "workdir_relate"
-    config.init_checkpoint = "workdir_pretrain/pretrain/output"
+    config.init_checkpoint = os.path.join(FIRST_WORKDIR, "pretrain", "output")
     config.pretrain.tasks = "relate,template"
     config.pretrain.batch_size = 16
     config.pretrain.steps = 300

@@ -83,6 +83,17 @@ def test_bad_vision_values_and_unknown_keys_name_the_field():
     config_lib.model_config(config)
 
 
+def test_pretrain_phases_chain_and_bad_phase_names_the_file():
+  """configs/pretrain.py: 'relate' starts from the first phase's pretrain output."""
+  first, relate = (_load_config_file("pretrain.py", arg) for arg in ("tiny", "relate"))
+  assert first.stages == "vision,pretrain" and not first.init_checkpoint
+  assert relate.stages == "pretrain" and relate.pretrain.tasks == "relate,template"
+  assert relate.init_checkpoint == os.path.join(first.workdir, "pretrain", "output")
+  assert relate.workdir != first.workdir
+  with pytest.raises(ValueError, match=r"configs/pretrain.py:7b"):
+    _load_config_file("pretrain.py", "7b")
+
+
 def test_7b_sharded_plan_is_built_abstractly():
   """The full 7B plan (shapes + shardings on a 2x4 mesh) without allocating a weight."""
   config = PRESETS["7b"]()
