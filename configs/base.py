@@ -102,7 +102,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.benchmark.seed = 0
   config.benchmark.num_train = 500
   config.benchmark.num_val = 50
-  config.benchmark.num_test = 100
+  # 40 per task: 200 test queries, so the four evaluations of the default run take about
+  # 4 of its 20 minutes on 2 CPU cores (Recall@1's standard error at chance: 0.02).
+  config.benchmark.num_test = 40
   config.benchmark.k = config.data.num_candidates
 
   # Stage -1 (tiny only): the vision tower learns scene attributes from rendered images.
@@ -124,7 +126,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # the full tokens, PAPER.md §5.1).
   config.align.targets = "data" if tiny else "self"
   # Stage 2: SFT activation on chains of thought (ICM + LoRA).
-  config.sft = _stage(steps=300 if tiny else 3000, batch_size=8 if tiny else 64,
+  # Tiny: 160 steps teach the response format (greedy format errors 6.5 %; 0 % after 300).
+  config.sft = _stage(steps=160 if tiny else 3000, batch_size=8 if tiny else 64,
                       learning_rate=2e-3 if tiny else 1e-4, warmup_steps=10 if tiny else 100)
   config.sft.optim.end_lr_ratio = 0.2
   # Stage 3: GRPO with the curriculum efficiency reward (PAPER.md §5.3).
