@@ -88,7 +88,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # tokens); the real presets the full one (retrv_jax/data/prompts.py SYSTEM_PROMPT).
   if tiny:
     config.data.system_prompt = "Find the candidate that best matches the query."
-  config.data.prompt_buckets = (192,) if tiny else (2048, 4096)
+  # The last bucket holds K full candidates (the no-ICM ablation): tiny 10 x 32 tokens, real
+  # presets 50 x 384; with the ICM every prompt fits the first (tiny) or first two.
+  config.data.prompt_buckets = (192, 512) if tiny else (2048, 4096, 24576)
   config.data.max_candidate_tokens = 32 if tiny else 384
   config.data.max_response_tokens = 320 if tiny else 1536  # With the inspected blocks.
   config.data.max_description_tokens = 48 if tiny else 96
