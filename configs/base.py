@@ -28,7 +28,6 @@ def _stage(steps: int, batch_size: int, learning_rate: float, warmup_steps: int
   s.optim = optim.default_config()
   s.optim.learning_rate = learning_rate
   s.optim.warmup_steps = warmup_steps
-  s.optim.total_steps = steps
   s.checkpoint = checkpoint_defaults()
   s.checkpoint.save_every_steps = 100
   s.checkpoint.max_to_keep = 2

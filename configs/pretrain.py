@@ -43,7 +43,6 @@ def get_config(arg: str = "tiny"):
     config.pretrain.tasks = "relate,template"
     config.pretrain.batch_size = 16
     config.pretrain.steps = 300
-    config.pretrain.optim.total_steps = 300
     config.pretrain.optim.warmup_steps = 20
     return config
   # The vision stage: 1000 steps of 128 scenes (about 4 minutes on 2 CPU cores). Then 400

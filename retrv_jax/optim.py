@@ -1,6 +1,6 @@
 """The optimizer of every training stage: AdamW, warmup + cosine decay, global-norm clipping.
 
-    tx = optim.make_optimizer(config.optim)
+    tx = optim.make_optimizer(optim.for_stage(config))   # config: a stage's section
     trainable, frozen = lora.partition(params, lora.path_regex(*lora.TRAINABLE))
     opt_state = tx.init(trainable)                      # only the trainable subset
     updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -39,7 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.learning_rate = 1e-4  # Peak learning rate, reached at the end of warmup.
   c.warmup_steps = 100  # Linear warmup from 0 over this many optimizer steps.
-  c.total_steps = 10_000  # Steps of the whole schedule (warmup included); cosine ends here.
+  # Steps of the whole schedule (warmup included); cosine ends here. 0: the stage's `steps`,
+  # so `--config.sft.steps=600` stretches the schedule with the run.
+  c.total_steps = 0
   c.end_lr_ratio = 0.1  # Final learning rate as a fraction of the peak; held after total_steps.
   c.b1 = 0.9  # Adam first-moment decay.
   c.b2 = 0.999  # Adam second-moment decay.
@@ -57,6 +59,15 @@ def _field(section: Mapping[str, Any], name: str) -> Any:
   return section[name]
 
 
+def for_stage(stage: Mapping[str, Any]) -> dict[str, Any]:
+  """The `optim` section of a stage config (`steps`, `optim`), `total_steps` 0 resolved to
+  the stage's `steps`."""
+  section = dict(stage["optim"])
+  if section.get("total_steps") == 0:
+    section["total_steps"] = stage["steps"]
+  return section
+
+
 def validate(section: Mapping[str, Any]) -> None:
   """Stops with the field, its value and what is allowed when a value cannot work."""
   unknown = sorted(set(section) - set(FIELDS))
@@ -69,10 +80,11 @@ def validate(section: Mapping[str, Any]) -> None:
       raise ConfigError(f"config.optim.{name} = {value!r}: expected {expected}")
 
   check("learning_rate", lambda v: v > 0, "a positive number")
-  check("total_steps", lambda v: isinstance(v, int) and v > 0, "a positive integer")
+  check("total_steps", lambda v: isinstance(v, int) and v > 0,
+        "a positive integer (for_stage resolves a stage's 0 to its steps)")
   total = _field(section, "total_steps")
-  check("warmup_steps", lambda v: isinstance(v, int) and 0 <= v <= total,
-        f"an integer in [0, total_steps={total}]")
+  check("warmup_steps", lambda v: isinstance(v, int) and 0 <= v < total,
+        f"an integer in [0, total_steps={total}) (the cosine needs a step)")
   check("end_lr_ratio", lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
   check("b1", lambda v: 0 <= v < 1, "a number in [0, 1)")
   check("b2", lambda v: 0 <= v < 1, "a number in [0, 1)")

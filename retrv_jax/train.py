@@ -77,7 +77,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, init: str, mesh,
   trainable, frozen = lora.partition(params, lora.path_regex(*patterns))
   if name == "grpo":
     frozen.update(grpo.frozen_extras(params))
-  tx = optim.make_optimizer(section.optim)
+  tx = optim.make_optimizer(optim.for_stage(section))
   state = trainer.init_state(trainable, tx, jax.random.key(config.seed + 1), mesh)
   micro = int(section.micro_batch_size) or int(section.batch_size)
   if int(section.batch_size) % micro:

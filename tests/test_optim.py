@@ -6,13 +6,14 @@ import numpy as np
 import optax
 import pytest
 
+import configs.grpo as grpo_config
 from retrv_jax import optim
 from retrv_jax.config import ConfigError
 
 
 def _section(**changes):
   section = optim.default_config()
-  section.update(changes)
+  section.update({"total_steps": 1000, **changes})
   return section
 
 
@@ -27,6 +28,24 @@ def test_schedule_warms_up_then_decays_to_the_end_ratio():
   assert lr(10_000) == pytest.approx(2e-5)
   schedule = optim.make_schedule(section)
   assert float(schedule(37)) == lr(37)
+
+
+def test_total_steps_zero_follows_the_stage_steps():
+  stage = {"steps": 40, "optim": _section(total_steps=0, warmup_steps=0, end_lr_ratio=0.5)}
+  assert optim.for_stage(stage)["total_steps"] == 40
+  assert optim.learning_rate_at(optim.for_stage(stage), 40) == pytest.approx(0.5e-4)
+  stage["optim"].total_steps = 1000  # An explicit schedule length is kept.
+  assert optim.for_stage(stage)["total_steps"] == 1000
+  with pytest.raises(ConfigError, match=r"total_steps = 0: expected a positive integer"):
+    optim.make_optimizer(_section(total_steps=0))
+
+
+def test_overriding_a_stage_s_steps_stretches_its_schedule():
+  config = grpo_config.get_config("tiny")
+  config.sft.steps = 600
+  sft = optim.for_stage(config.sft)
+  assert sft["total_steps"] == 600
+  assert optim.learning_rate_at(sft, 300) > optim.learning_rate_at(sft, 600)
 
 
 def test_schedule_without_warmup_starts_at_the_peak():
@@ -94,6 +113,7 @@ def test_optimizer_state_covers_only_what_it_is_given():
     [
         ({"learning_rate": 0.0}, r"config.optim.learning_rate = 0.0: expected a positive number"),
         ({"warmup_steps": 20, "total_steps": 10}, r"warmup_steps = 20: .*total_steps=10"),
+        ({"warmup_steps": 10, "total_steps": 10}, r"warmup_steps = 10: .*the cosine needs a step"),
         ({"end_lr_ratio": 1.5}, r"end_lr_ratio = 1.5: expected a fraction"),
         ({"b2": 1.0}, r"config.optim.b2 = 1.0"),
         ({"grad_clip_norm": -1.0}, r"grad_clip_norm = -1.0"),
@@ -101,7 +121,7 @@ def test_optimizer_state_covers_only_what_it_is_given():
     ],
 )
 def test_invalid_fields_are_named(changes, message):
-  section = {**optim.default_config().to_dict(), **changes}  # A plain dict takes any type.
+  section = {**_section().to_dict(), **changes}  # A plain dict takes any type.
   with pytest.raises(ConfigError, match=message):
     optim.make_optimizer(section)
 

@@ -68,7 +68,6 @@ def _config(workdir: str, stages: str, **changes):
     section.steps = STEPS
     section.batch_size = 2
     section.log_every = 1
-    section.optim.total_steps = STEPS
     section.optim.warmup_steps = 1
     section.checkpoint.save_every_steps = 2
   config.vision.image_size = 56

@@ -190,7 +190,7 @@ def run_loop(job: Job, state: TrainState) -> tuple[TrainState, bool]:
         scalars["step_time"] = seconds / window_steps
         if "generated_tokens" in scalars:  # Sampled tokens per second (GRPO).
           scalars["tokens_per_second"] = scalars["generated_tokens"] / scalars["step_time"]
-        scalars["learning_rate"] = optim.learning_rate_at(section.optim, step - 1)
+        scalars["learning_rate"] = optim.learning_rate_at(optim.for_stage(section), step - 1)
         writer.write_scalars(step, scalars)
         progress.update(step, {k: scalars[k] for k in ("loss", "reward", "correct",
                                                        "n_inspected") if k in scalars})
