@@ -76,12 +76,7 @@ def _config(workdir: str, stages: str, **changes):
   config.grpo.group_size = 2
   config.grpo.max_new_tokens = 16
   config.grpo.beta = 0.0
-  for path, value in changes.items():
-    *parents, leaf = path.split(".")
-    section = config
-    for parent in parents:
-      section = section[parent]
-    section[leaf] = value
+  config.update_from_flattened_dict(changes)
   return config
 
 
