@@ -31,7 +31,9 @@ setup(
     ],
     extras_require={
         # The PyTorch CPU wheel is the numerical oracle of the tests (Hugging Face models).
-        "test": ["torch>=2.5", "pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.88", "ruff>=0.6"],
+        # libtpu (via jax[tpu]) lets tests/test_tpu_fit.py compile for a TPU slice on the CPU.
+        "test": ["torch>=2.5", "pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.88", "ruff>=0.6",
+                 "jax[tpu]>=0.6.0"],
         "tpu": ["jax[tpu]>=0.6.0"],
     },
 )

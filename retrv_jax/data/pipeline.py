@@ -440,6 +440,13 @@ def _description_arrays(texts: Sequence[str], tokenizer: Tokenizer, length: int
 # Batching to static shapes.
 
 
+def padding_batch(stage: str, config: PipelineConfig, tokenizer: Tokenizer,
+                  size: int) -> dict[str, Any]:
+  """`size` padding rows of the stage's batches: every field in its static shape and dtype
+  (what a compile-only check lowers the training step with)."""
+  return _Collate(stage, config, tokenizer)([None] * size, 0)
+
+
 class _Collate:
   """B prepared examples (None: a padding row) -> one batch dict of static shapes."""
 
