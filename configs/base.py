@@ -154,6 +154,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.grpo.curriculum_value = 0.5  # lambda of the 'fixed' schedule.
   config.grpo.logprob_chunk = 128  # Generated positions per vocabulary-projection chunk.
 
+  if not tiny:
+    # Examples per forward pass, so that each stage's step fits a v5p-32 slice (16 chips of
+    # 95 GiB; fsdp 4 x tensor 4), measured with `python -m retrv_jax.tpu_fit` (README).
+    config.align.micro_batch_size = 16
+    config.sft.micro_batch_size = 8
+    config.grpo.micro_batch_size = 4
+
   # Evaluation on the held-out split, before the first stage and after each one.
   config.eval = ml_collections.ConfigDict()
   config.eval.split = "test"
@@ -169,7 +176,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = 1  # Pure data parallel (across slices).
   config.mesh.fsdp = -1  # Params and batch sharded.
-  config.mesh.tensor = 1  # Heads, mlp and vocab sharded.
+  config.mesh.tensor = 1 if tiny else 4  # Heads, mlp and vocab sharded.
   # Logical axis -> mesh axes (see retrv_jax/parallel.py).
   config.mesh.rules = parallel.DEFAULT_RULES
   # Multi-process runs: leave empty on Cloud TPU (auto-detected).
