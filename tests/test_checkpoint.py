@@ -25,7 +25,7 @@ def _state(seed: int = 0):
                               "lora_b": jax.random.normal(k2, (4, 2, 8))}},
       "icm": {"output_scale": jax.random.normal(k3, (8,)), "norm": {"scale": jnp.ones(8)}},
   }
-  tx = optim.make_optimizer(optim.default_config())
+  tx = optim.make_optimizer(optim.for_stage({"steps": 1000, "optim": optim.default_config()}))
   opt_state = tx.init(params)
   _, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
   return {"params": params, "opt_state": opt_state, "rng": jax.random.key(seed + 1),
