@@ -119,18 +119,12 @@ def check(config: ml_collections.ConfigDict, devices, stage: str = "", bucket: i
     raise config_lib.ConfigError(f"stage {stage!r}: expected one of {STAGES}")
   with config.unlocked():
     config.data.data_dir = config.data.data_dir or "unused"  # Never read; never generated.
-  data, fsdp, _ = config_lib.validate_mesh(config, len(devices))
+  config_lib.validate_mesh(config, len(devices))
   mesh = parallel.create_mesh({a: config.mesh[a] for a in parallel.MESH_AXES}, devices)
   rules = tuple(config.mesh.rules)
   tokenizer = setup.tokenizer(config)
   module, section = train.STAGE_MODULES[stage], config[stage]
-  micro = int(section.micro_batch_size) or int(section.batch_size)
-  if int(section.batch_size) % micro:
-    raise config_lib.ConfigError(f"config.{stage}.batch_size = {section.batch_size}: expected "
-                                 f"a multiple of micro_batch_size = {micro}")
-  if micro % (data * fsdp):
-    raise config_lib.ConfigError(f"config.{stage}: micro-batches of {micro} examples do not "
-                                 f"shard over mesh data x fsdp = {data} x {fsdp}")
+  micro = setup.micro_batch_size(config, stage, mesh)
 
   model_config = config_lib.model_config(config)
   if stage not in train.LORA_STAGES:

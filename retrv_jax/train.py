@@ -79,10 +79,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, init: str, mesh,
     frozen.update(grpo.frozen_extras(params))
   tx = optim.make_optimizer(optim.for_stage(section))
   state = trainer.init_state(trainable, tx, jax.random.key(config.seed + 1), mesh)
-  micro = int(section.micro_batch_size) or int(section.batch_size)
-  if int(section.batch_size) % micro:
-    raise config_lib.ConfigError(f"config.{name}.batch_size = {section.batch_size}: expected "
-                                 f"a multiple of micro_batch_size = {micro}")
+  micro = setup.micro_batch_size(config, name, mesh)
   # Pretraining reads only the query's tokens from the prompt: the short, compressed layout.
   layout = {"compress_candidates": True} if name == "pretrain" else {}
   local_micro = setup.per_process(micro, f"{name}.batch_size")

@@ -338,3 +338,15 @@ def test_a_bad_grpo_choice_is_named_before_any_compile(tmp_path, field):
   model = Reranker(tiny().replace(num_layers=1), CompressionConfig())
   with pytest.raises(ConfigError, match=rf"config\.grpo\.{field} = 'nonsense'"):
     grpo.make_step(model, config, load_tokenizer(), optax.sgd(0.1))
+
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"sft.micro_batch_size": 1}, r"config\.sft\.micro_batch_size = 1 .*mesh data x fsdp = 2"),
+    ({"sft.batch_size": 3, "sft.micro_batch_size": 2},
+     r"config\.sft\.batch_size = 3: expected a multiple of micro_batch_size = 2"),
+])
+def test_a_batch_the_mesh_cannot_split_is_named(tmp_path, changes, message):
+  config = _config(str(tmp_path), "sft", **changes)
+  with pytest.raises(ConfigError, match=message):
+    _train(config, "sft", "")

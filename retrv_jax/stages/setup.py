@@ -4,6 +4,7 @@ the data, pipeline configs, sampling rules and the starting params."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -12,6 +13,7 @@ import ml_collections
 from absl import logging
 
 from retrv_jax import config as config_lib
+from retrv_jax import parallel
 from retrv_jax.config import ConfigError
 from retrv_jax.data import synthetic
 from retrv_jax.data.pipeline import PipelineConfig
@@ -88,6 +90,22 @@ def per_process(global_batch: int, name: str) -> int:
     raise ConfigError(f"config.{name} = {global_batch}: expected a multiple of the "
                       f"{count} processes")
   return global_batch // count
+
+
+def micro_batch_size(config: ml_collections.ConfigDict, stage: str, mesh) -> int:
+  """`stage`'s examples per forward pass (`micro_batch_size` 0: the whole batch), checked:
+  the batch splits into whole micro-batches, and each shards over mesh data x fsdp."""
+  section = config[stage]
+  micro = int(section.micro_batch_size) or int(section.batch_size)
+  if int(section.batch_size) % micro:
+    raise ConfigError(f"config.{stage}.batch_size = {section.batch_size}: expected a multiple "
+                      f"of micro_batch_size = {micro}")
+  shards = math.prod(mesh.shape[axis] for axis in parallel.BATCH_AXES)
+  if micro % shards:
+    raise ConfigError(f"config.{stage}.micro_batch_size = {micro} examples (0: the batch): "
+                      f"expected a multiple of mesh data x fsdp = {shards}, over which each "
+                      "micro-batch is sharded")
+  return micro
 
 
 def sampling_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
