@@ -56,7 +56,7 @@ RECALL_AT = (1, 5)
 RESULTS_FILE = "results.json"
 # The figures a one-line summary shows.
 HEADLINE = ("recall@1", "recall@5", "mean_inspections", "format_error_rate")
-_ROW_KEYS = ("valid", "gt_index", "task_id")  # What the metrics read from a batch.
+ROW_KEYS = ("valid", "gt_index", "task_id")  # What the metrics read from a batch.
 
 
 # ------------------------------------------------------------------ answer log-likelihoods
@@ -259,7 +259,7 @@ def eval_step(
                            continuation_mask, answer_start_id=answer_start_id,
                            stop_ids=sampling.stop_token_ids or (model.config.eos_token_id,),
                            candidate_chunk=candidate_chunk)
-  return {"trajectory": traj, "scores": scores, **{k: batch[k] for k in _ROW_KEYS}}
+  return {"trajectory": traj, "scores": scores, **{k: batch[k] for k in ROW_KEYS}}
 
 
 def evaluate(
@@ -306,11 +306,11 @@ def evaluate(
        parallel.with_rules(rules):
     for batch in batches:
       arrays, _ = split_host_fields(batch)
-      missing = sorted(set(ENCODE_KEYS + _ROW_KEYS) - set(arrays))
+      missing = sorted(set(ENCODE_KEYS + ROW_KEYS) - set(arrays))
       if missing:
         raise ValueError(f"evaluate: an eval batch lacks {missing}; expected the pipeline's "
                          f"'eval' batches (retrv_jax.data.pipeline.make_iterator)")
-      arrays = {k: arrays[k] for k in ENCODE_KEYS + _ROW_KEYS}
+      arrays = {k: arrays[k] for k in ENCODE_KEYS + ROW_KEYS}
       if continuations is None:
         continuations = continuation_ids(tokenizer, arrays["splice_ids"].shape[1])
       if mesh is not None:
@@ -360,6 +360,12 @@ def write_results(workdir: str, name: str, metrics: Mapping[str, float]) -> str:
   return path
 
 
+def eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
+  """`config.eval.batch_size` rounded up to a multiple of the mesh's batch shards."""
+  shards = math.prod(mesh.shape[a] for a in parallel.BATCH_AXES) if mesh is not None else 1
+  return math.ceil(int(config.eval.batch_size) / shards) * shards
+
+
 def evaluate_config(config: ml_collections.ConfigDict, model: Reranker, params: Any,
                     tokenizer: Tokenizer, mesh) -> dict[str, float]:
   """`evaluate` on `config.eval.split` with the run's data, sampling and mesh settings.
@@ -368,9 +374,7 @@ def evaluate_config(config: ml_collections.ConfigDict, model: Reranker, params: 
   the last batch with invalid rows).
   """
   section = config.eval
-  shards = math.prod(mesh.shape[a] for a in parallel.BATCH_AXES) if mesh is not None else 1
-  global_batch = math.ceil(int(section.batch_size) / shards) * shards
-  per_process = setup.per_process(global_batch, "eval.batch_size")
+  per_process = setup.per_process(eval_batch_size(config, mesh), "eval.batch_size")
   data = setup.pipeline_config(config, batch_size=per_process, split=section.split)
   model = Reranker(setup.with_vision_blocks(model.config, data), model.compression)
   sampling = setup.sampling_params(config, tokenizer, temperature=0.0,

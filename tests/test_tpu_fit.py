@@ -31,3 +31,18 @@ def test_tiny_sft_step_compiles_and_fits_v5e():
   assert fit.hbm == 16 * 2**30
   assert fit.argument > 0 and fit.temp > 0
   assert 0 < fit.total < fit.hbm and fit.fits
+
+
+@pytest.mark.tpu_compile
+def test_tiny_eval_step_compiles_and_fits_v5e():
+  """The evaluation run after each stage (rollout, inspections, candidates' log-probs)."""
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.fail("libtpu is not installed (see test_tiny_sft_step_compiles_and_fits_v5e)")
+  from jax.experimental import topologies  # noqa: PLC0415
+
+  config = sibling_config(os.path.join(CONFIGS, "base.py"), "grpo").get_config("tiny")
+  devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
+  with jax.default_matmul_precision("default"):
+    fit = tpu_fit.check(config, devices, stage="eval")
+  assert fit.argument > 0 and fit.temp > 0
+  assert 0 < fit.total < fit.hbm and fit.fits
