@@ -362,7 +362,7 @@ def write_results(workdir: str, name: str, metrics: Mapping[str, float]) -> str:
 
 def eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
   """`config.eval.batch_size` rounded up to a multiple of the mesh's batch shards."""
-  shards = math.prod(mesh.shape[a] for a in parallel.BATCH_AXES) if mesh is not None else 1
+  shards = parallel.batch_shards(mesh) if mesh is not None else 1
   return math.ceil(int(config.eval.batch_size) / shards) * shards
 
 

@@ -119,6 +119,11 @@ def shardings_of(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch is split: the size of mesh data x fsdp."""
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
   """Shards dimension `batch_axis` over (data, fsdp); the rest is replicated."""
   spec = [None] * ndim

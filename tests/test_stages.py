@@ -340,7 +340,6 @@ def test_a_bad_grpo_choice_is_named_before_any_compile(tmp_path, field):
     grpo.make_step(model, config, load_tokenizer(), optax.sgd(0.1))
 
 
-
 @pytest.mark.parametrize("changes, message", [
     ({"sft.micro_batch_size": 1}, r"config\.sft\.micro_batch_size = 1 .*mesh data x fsdp = 2"),
     ({"sft.batch_size": 3, "sft.micro_batch_size": 2},

@@ -4,7 +4,6 @@ the data, pipeline configs, sampling rules and the starting params."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 
@@ -100,7 +99,7 @@ def micro_batch_size(config: ml_collections.ConfigDict, stage: str, mesh) -> int
   if int(section.batch_size) % micro:
     raise ConfigError(f"config.{stage}.batch_size = {section.batch_size}: expected a multiple "
                       f"of micro_batch_size = {micro}")
-  shards = math.prod(mesh.shape[axis] for axis in parallel.BATCH_AXES)
+  shards = parallel.batch_shards(mesh)
   if micro % shards:
     raise ConfigError(f"config.{stage}.micro_batch_size = {micro} examples (0: the batch): "
                       f"expected a multiple of mesh data x fsdp = {shards}, over which each "
