@@ -101,6 +101,7 @@ def test_static_shapes_and_pixel_layout(stage, cfg, tok):
     for i in np.flatnonzero(b["valid"]):
       r = records[b["dataset"][i], b["qid"][i]]
       assert b["gt_index"][i] == r["gt_index"] and b["task_id"][i] == r["task_id"]
+      np.testing.assert_array_equal(b["hard_negative_mask"][i], r["cand_is_hard_negative"])
       for slot, data in enumerate([r["query_image"], *r["cand_images"]]):
         assert bool(data) == bool(grid[i, slot].any())
         if data:

@@ -39,6 +39,7 @@ def test_build_then_grain_read_equals_reader(bench, tmp_path):
   data_dir = str(tmp_path / "tfds")
   built = tfds_mbeir.build(bench, data_dir)
   assert built == tfds_mbeir.dataset_dir(data_dir)
+  hard_seen = False
   for split in mbeir.SPLITS:
     ds = tfds_mbeir.rerank_dataset(data_dir, split)
     expected = list(_expected(bench, split))
@@ -62,8 +63,11 @@ def test_build_then_grain_read_equals_reader(bench, tmp_path):
       np.testing.assert_allclose(got["cand_scores"], ex.scores, rtol=1e-6)
       assert got["cand_is_positive"].tolist() == [c.did in q.pos_cand_list for c in cands]
       assert got["gt_index"] == ex.gt_index and got["cand_is_positive"][ex.gt_index]
+      assert got["cand_is_hard_negative"].tolist() == [c.did in q.neg_cand_list for c in cands]
+      hard_seen = hard_seen or got["cand_is_hard_negative"].any()
       assert got["reference_cot"] == (q.reference_cot or "")
       assert bool(got["reference_cot"]) == (split == "train")
+  assert hard_seen  # The embedded benchmark's queries have hard negatives.
   batch = next(iter(ds.shuffle(seed=0).batch(2, batch_fn=list)))
   assert len(batch) == 2 and {b["qid"] for b in batch} <= {e.query.qid for e in expected}
 

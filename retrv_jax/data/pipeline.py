@@ -37,6 +37,7 @@ max_inspections, Ld = max_description_tokens). Every stage:
   pixel_values    [N, D] float32       patches of every image in (b, slot) order, absent
                                        images skipped, zero rows after the last.
   gt_index        [B] int32            0-based positive among the candidates, -1: none.
+  hard_negative_mask [B, K] bool       the candidates in the query's `neg_cand_list`.
   task_id         [B] int32            M-BEIR task id.
   valid           [B] bool             False on eval padding and skipped eval rows.
   host fields (numpy, never sent to devices; `split_host_fields`):
@@ -278,6 +279,7 @@ class _Prepared:
   dataset: str = ""
   task_id: int = -1
   gt_index: int = -1
+  hard_negatives: np.ndarray | None = None  # [K] bool; None: a padding row (all False).
   targets: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
@@ -334,7 +336,8 @@ class _Prepare:
       raise ValueError(f"its images have {rows} patches, more than max_patches="
                        f"{self.config.num_patches()}")
     prepared = _Prepared(example, pixels, record["qid"], record["dataset"],
-                         int(record["task_id"]), gt_index)
+                         int(record["task_id"]), gt_index,
+                         np.asarray(record["cand_is_hard_negative"], bool))
     if self.stage == "sft" and not record["reference_cot"]:
       raise ValueError("no reference_cot: the sft stage needs the teacher's response")
     prepared.targets = _stage_targets(
@@ -469,6 +472,9 @@ class _Collate:
         [batch["image_grid_thw"][:, :1], batch["candidate_image_grid_thw"]], axis=1)
     batch["pixel_values"] = self.pixels(rows)
     batch["gt_index"] = np.array([r.gt_index for r in rows], np.int32)
+    k = self.config.num_candidates
+    batch["hard_negative_mask"] = np.stack(
+        [r.hard_negatives if r.hard_negatives is not None else np.zeros(k, bool) for r in rows])
     batch["task_id"] = np.array([r.task_id for r in rows], np.int32)
     batch["valid"] = valid
     for name in rows[0].targets:

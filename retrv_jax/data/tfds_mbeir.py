@@ -56,6 +56,7 @@ FEATURES = {
     "cand_relations": tfds.features.Sequence(tfds.features.Text()),  # Ours, else ''.
     "cand_scores": _list(np.float32),  # Stage-I similarity.
     "cand_is_positive": _list(np.bool_),
+    "cand_is_hard_negative": _list(np.bool_),  # In the query's neg_cand_list.
     "gt_index": tfds.features.Scalar(np.int32),  # First positive's position, -1 if none.
     "reference_cot": tfds.features.Text(),  # Train split of the embedded benchmark, else ''.
 }
@@ -78,8 +79,9 @@ class MbeirRerankConfig(tfds.core.BuilderConfig):
 class MbeirRerank(tfds.core.GeneratorBasedBuilder):
   """Queries with their stage-I top-K candidates, from an M-BEIR directory (manual_dir)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "One example per query: K candidates with texts and images."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "One example per query: K candidates with texts and images.",
+                   "1.1.0": "cand_is_hard_negative: the candidates in neg_cand_list."}
   BUILDER_CONFIGS = [MbeirRerankConfig(name="local"),
                      MbeirRerankConfig(name="global", pool="global")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -170,7 +172,7 @@ def to_features(ex: RerankExample, root: str | None) -> dict[str, Any]:
   """A `RerankExample` as a `FEATURES` dict; image files under `root` are read as bytes
   (root None: no bytes, only paths)."""
   q, cands = ex.query, ex.candidates
-  positives = set(q.pos_cand_list)
+  positives, hard = set(q.pos_cand_list), set(q.neg_cand_list)
   return {
       "qid": q.qid, "dataset": ex.dataset, "task_id": ex.task_id,
       "query_modality": q.modality, "query_text": q.text or "",
@@ -185,6 +187,7 @@ def to_features(ex: RerankExample, root: str | None) -> dict[str, Any]:
       "cand_relations": list(ex.relations) if ex.relations else [""] * len(cands),
       "cand_scores": np.asarray(ex.scores, np.float32),
       "cand_is_positive": np.array([c.did in positives for c in cands], bool),
+      "cand_is_hard_negative": np.array([c.did in hard for c in cands], bool),
       "gt_index": ex.gt_index,
       "reference_cot": q.reference_cot or "",
   }
