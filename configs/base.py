@@ -119,6 +119,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # False: the vision tower stays as it starts (e.g. from the `vision` stage).
   config.pretrain.train_vision = True
   config.pretrain.tasks = "describe,template"  # And/or 'point' (retrv_jax/stages/pretrain.py).
+  # The `point` task's lists, rungs 'size:easy|all[:steps]' (retrv_jax/stages/lists.py);
+  # '' = every step the K stage-I candidates, hard negatives included.
+  config.pretrain.point_curriculum = ""
+  # The relation question after each candidate of a pointing list (stages/pointing.py).
+  config.pretrain.point_workspace = False
   # Stage 1: ICM self-alignment (LM frozen).
   config.align = _stage(steps=60 if tiny else 2000, batch_size=8 if tiny else 64,
                         learning_rate=1e-3 if tiny else 1e-4, warmup_steps=10 if tiny else 100)

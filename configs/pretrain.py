@@ -16,14 +16,16 @@ from retrv_jax.config import sibling_config
 
 base = sibling_config(__file__)
 FIRST_WORKDIR = "workdir_pretrain"  # The first phase's; the 'relate' phase starts from it.
+RELATE_WORKDIR = "workdir_relate"  # The 'relate' phase's; the 'point' phase starts from it.
+PHASES = ("tiny", "relate", "point")
 
 
 def get_config(arg: str = "tiny"):
   """'tiny': vision, then caption-and-compare pretraining from random init; 'relate': the
   relation rows alone, from that output."""
   phase = arg or "tiny"
-  if phase not in ("tiny", "relate"):
-    raise ValueError(f"configs/pretrain.py:{phase}: expected 'tiny' or 'relate'; only the tiny "
+  if phase not in PHASES:
+    raise ValueError(f"configs/pretrain.py:{phase}: expected one of {PHASES}; only the tiny "
                      "model is pretrained here, the 3b and 7b presets start from the public "
                      "Qwen2.5-VL checkpoints")
   config = base.get_config("tiny")
@@ -38,12 +40,33 @@ def get_config(arg: str = "tiny"):
     # Once the captions are learned, the relation rows alone teach the comparison: 300
     # steps of 16 examples x 4 candidates (about 22 minutes on 2 CPU cores).
     config.stages = "pretrain"
-    config.workdir = "workdir_relate"
+    config.workdir = RELATE_WORKDIR
     config.init_checkpoint = os.path.join(FIRST_WORKDIR, "pretrain", "output")
     config.pretrain.tasks = "relate,template"
     config.pretrain.batch_size = 16
     config.pretrain.steps = 300
     config.pretrain.optim.warmup_steps = 20
+    return config
+  if phase == "point":
+    # List choice: name the positive of a numbered list of full-token candidates, each
+    # followed by the relation question, on lists that grow from 3 easy candidates to the
+    # K = 10 of stage I; the relation rows go on beside it. The tower stays as pretrained,
+    # the learning rate low (1e-3 wrecks the relation features in the first Adam steps).
+    config.stages = "pretrain"
+    config.workdir = "workdir_point"
+    config.init_checkpoint = os.path.join(RELATE_WORKDIR, "pretrain", "output")
+    config.pretrain.tasks = "relate,point"
+    config.pretrain.candidates_per_example = 2
+    config.pretrain.train_vision = False
+    config.pretrain.point_workspace = True
+    config.pretrain.point_curriculum = "3:easy:150,5:easy:250,5:all:100,10:all"
+    config.pretrain.batch_size = 16
+    config.pretrain.steps = 900
+    config.pretrain.log_every = 25
+    config.pretrain.checkpoint.save_every_steps = 50
+    config.pretrain.optim.learning_rate = 3e-4
+    config.pretrain.optim.warmup_steps = 20
+    config.pretrain.optim.end_lr_ratio = 0.1
     return config
   # The vision stage: 1000 steps of 128 scenes (about 4 minutes on 2 CPU cores). Then 400
   # steps of a cosine schedule laid out over 1000 (about 22 minutes; the content loss is

@@ -142,10 +142,12 @@ def test_accumulated_micro_batches_equal_one_large_batch(setup):
     assert norms and max(norms) > 0, group
 
 
-def _pretrain_config(tasks: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"compression": {"max_query_tokens": 64},
-                                    "pretrain": {"candidates_per_example": 2, "tasks": tasks},
-                                    "data": {"num_candidates": K}})
+def _pretrain_config(tasks: str, curriculum: str = "", workspace: bool = False
+                     ) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "compression": {"max_query_tokens": 64}, "data": {"num_candidates": K},
+      "pretrain": {"candidates_per_example": 2, "tasks": tasks, "steps": STEPS,
+                   "point_curriculum": curriculum, "point_workspace": workspace}})
 
 
 @pytest.mark.parametrize("tasks", ["describe,template,point", "relate,template"])
@@ -171,6 +173,29 @@ def test_pretrain_accumulation_equals_one_large_batch(setup, tasks):
   # 'relate' scores the relation rows alone.
   assert "relation_loss" in out_one["pairs"]
   assert ("content_loss" in out_one["pairs"]) == tasks.startswith("describe")
+
+
+def test_pretrain_point_lists_follow_the_curriculum_step_by_step(setup):
+  """Rungs of 2 (easy), 3 and 4 candidates: each step scores lists of its rung's size."""
+  model_config = _small_model()
+  icm = CompressionConfig(enabled=False)
+  params = jax.jit(lambda key: outputs.load_params("", model_config, icm, key))(jax.random.key(0))
+  trainable, frozen = lora.partition(params, lora.path_regex(*pretrain.TRAINABLE))
+  config = _pretrain_config("relate,point", curriculum="2:easy:1,3:all:1,4:all",
+                            workspace=True)
+  config.pretrain.steps = 3
+  tx = optax.sgd(0.05)
+  step = jax.jit(pretrain.make_step(Reranker(model_config, icm), config, setup.tok, tx))
+  batch, _ = _batches(setup, 2, 1, stage="align")
+  state = trainer.init_state(trainable, tx, jax.random.key(1))
+  sizes, losses = [], []
+  for _ in range(4):  # The last rung goes on past the stage's steps.
+    state, out = step(state, frozen, batch)
+    total, lists_count = out["pairs"]["point_list_size"]
+    sizes.append(float(total / lists_count))
+    losses.append(float(out["pairs"]["point_loss"][0] / lists_count))
+  assert sizes == [2.0, 3.0, 4.0, 4.0]
+  assert all(np.isfinite(losses))
 
 
 @pytest.mark.parametrize("tasks", ["template", "describe,relate", "describe,caption"])

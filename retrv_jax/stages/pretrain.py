@@ -25,14 +25,15 @@ from retrv_jax.data import prompts
 from retrv_jax.data.tokenizer import Tokenizer
 from retrv_jax.models import lora
 from retrv_jax.models.reranker import Reranker, encode_batch
-from retrv_jax.stages import sequences, trainer
+from retrv_jax.stages import lists, pointing, sequences, trainer
 
 TRAINABLE = (r"^backbone/",)
 TRAINABLE_WITHOUT_VISION = (r"^backbone/(?!visual/)",)
 PIPELINE_STAGE = "align"
 # 'describe' (content and relation rows) or 'relate' (relation rows only: how a candidate
 # differs from the query's target, once the captions are learned), 'template' (LM on the
-# format texts), 'point' (name the candidate of a numbered list that fits the query).
+# format texts), 'point' (name the candidate of a numbered list that fits the query; the
+# lists follow `pretrain.point_curriculum`, see retrv_jax/stages/lists.py).
 TASKS = ("describe", "relate", "template", "point")
 
 
@@ -60,8 +61,23 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
     raise ValueError(f"config.pretrain.tasks = {config.pretrain.tasks!r}: expected one of "
                      f"'describe' or 'relate' and any of {TASKS[2:]}, comma-separated")
   content = "describe" in tasks
-  point = sequences.PointRows(tokenizer, config.compression.max_query_tokens,
-                              config.data.num_candidates)
+  k = config.data.num_candidates
+  rungs = lists.parse(config.pretrain.point_curriculum or f"{k}:all", num_candidates=k,
+                      steps=int(config.pretrain.steps), field="config.pretrain.point_curriculum")
+  point = pointing.PointRows(tokenizer, config.compression.max_query_tokens,
+                             max(r.size for r in rungs), workspace=config.pretrain.point_workspace)
+
+  def sample(rung: lists.Rung):
+    def draw(stacked, key):
+      """This step's lists, drawn over the whole step (so micro-batching leaves them
+      unchanged): `point_index [n, B, size]` and `point_target [n, B]`."""
+      shape = stacked["gt_index"].shape
+      index, target = lists.sample(key, stacked["gt_index"].reshape(-1),
+                                   stacked["hard_negative_mask"].reshape(-1, k), rung.size,
+                                   rung.hard)
+      return dict(stacked, point_index=index.reshape(*shape, rung.size),
+                  point_target=target.reshape(shape))
+    return draw
 
   def template_loss(params):
     apply = lambda fn, *a, **kw: model.apply({"params": params}, *a, method=fn, **kw)
@@ -75,10 +91,9 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
     total = sequences.described_tokens(stacked, per_example, content=content)
     if "template" in tasks:
       total += stacked["gt_index"].size * (len(template) - 1)
-    # The pointing answers (a couple of tokens per example) are averaged on their own, so
-    # the descriptions' hundreds of tokens do not drown them.
-    answers = jnp.sum(jax.vmap(point.targets)(stacked["gt_index"])[1], dtype=jnp.float32)
-    return jnp.stack([total, answers])
+    # The pointing answers are averaged per list on their own, so the descriptions'
+    # hundreds of tokens do not drown them (chance: ln of the list's size).
+    return jnp.stack([total, jnp.sum(stacked["gt_index"] >= 0, dtype=jnp.float32)])
 
   def loss_fn(trainable, frozen, batch, denom, rng):
     del rng
@@ -94,9 +109,20 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
       pairs["template_loss"] = (lm_loss, lm_count)
       loss += lm_loss / denom[0]
     if "point" in tasks:
-      point_loss, point_count = point.loss(model, params, inputs, batch)
-      pairs["point_loss"] = (point_loss, point_count)
+      point_loss, lists_count = point.loss(model, params, inputs, batch, batch["point_index"],
+                                           batch["point_target"])
+      pairs["point_loss"] = (point_loss, lists_count)
+      size = jnp.float32(batch["point_index"].shape[-1])
+      pairs["point_list_size"] = (size * lists_count, lists_count)
       loss += point_loss / denom[1]
     return loss, pairs
 
-  return trainer.supervised_step(loss_fn, denominator, tx)
+  if "point" not in tasks:
+    return trainer.supervised_step(loss_fn, denominator, tx)
+  # One complete step per rung, chosen by the step count: a switch around the gradient, not
+  # inside it (differentiating a switch would build every rung's residuals at every step).
+  steps = [trainer.supervised_step(loss_fn, denominator, tx, sample=sample(r)) for r in rungs]
+  if len(steps) == 1:
+    return steps[0]
+  return lambda state, frozen, micro: jax.lax.switch(lists.rung_index(rungs, state.step), steps,
+                                                     state, frozen, micro)
