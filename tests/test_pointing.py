@@ -1,0 +1,149 @@
+"""The list-pointing row (`retrv_jax.stages.pointing`) against plain forwards of the same
+tokens, its greedy answer, and the list-choice evaluation (`retrv_jax.evaluate_lists`)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_bench import make_bench
+
+from retrv_jax import evaluate_lists
+from retrv_jax.data.pipeline import PipelineConfig, make_iterator, split_host_fields
+from retrv_jax.data.tokenizer import load_tokenizer
+from retrv_jax.models import reranker
+from retrv_jax.models.compression import CompressionConfig
+from retrv_jax.models.config import tiny
+from retrv_jax.models.qwen2_5_vl import Qwen25VL
+from retrv_jax.stages import pointing
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """Eval batches of text and image queries, and a random 1-layer model."""
+  root = make_bench(tmp_path_factory, k=K, num_train=1, num_val=1, num_test=3)
+  tok = load_tokenizer()
+  data = PipelineConfig(data_dir=root, source="mbeir", batch_size=3, num_candidates=K,
+                        prompt_buckets=(256,), max_candidate_tokens=32, split="test",
+                        shuffle=False, num_epochs=1)
+  batches = [split_host_fields(b)[0] for b in make_iterator("eval", data, tok)]
+  base = tiny()
+  config = base.replace(num_layers=1, vision=dataclasses.replace(
+      base.vision, depth=1, fullatt_block_indexes=(0,)))
+  icm = CompressionConfig(enabled=False)
+  model = reranker.Reranker(config, icm)
+  params = jax.jit(lambda key: reranker.init_params(config, icm, key))(jax.random.key(0))
+  return tok, batches, model, params
+
+
+def _image_pixels(batch, b: int, slot: int):
+  """Patches and grid `[1, 3]` of image slot `slot` (0 query, 1..K candidates) of row b."""
+  grids = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
+  sizes = np.prod(grids, axis=-1)
+  at = b * (1 + K) + slot
+  start = int(np.sum(sizes[:at]))
+  return batch["pixel_values"][start:start + sizes[at]], grids[at:at + 1]
+
+
+def _plain_row(rows: pointing.PointRows, batch, b: int, index, answer=()):
+  """The row's tokens, its images' patches and grids, as a plain sequence."""
+  query = batch["input_ids"][b][batch["query_mask"][b].astype(bool)]
+  ids, images = [rows.texts[0], query, rows.texts[1]], [0] if np.any(
+      query == tiny().image_token_id) else []
+  for place, k in enumerate(index):
+    block = batch["splice_ids"][b, k][batch["splice_mask"][b, k].astype(bool)]
+    ids += [rows.labels[place], block]
+    if rows.workspace is not None:
+      ids.append(rows.workspace)
+    ids.append(rows.newline)
+    if np.any(block == tiny().image_token_id):
+      images.append(1 + int(k))
+  ids += [rows.texts[2], np.asarray(answer, np.int32)]
+  pixels = [_image_pixels(batch, b, s) for s in images]
+  return (np.concatenate(ids).astype(np.int32), np.concatenate([p for p, _ in pixels]),
+          np.concatenate([g for _, g in pixels]))
+
+
+def _plain_logits(model, params, row):
+  ids, pixels, grids = row
+  backbone = Qwen25VL(model.config)
+  return np.asarray(backbone.apply({"params": params["backbone"]}, ids[None], pixels, grids,
+                                   np.ones((1, len(ids)), np.int32))[0])
+
+
+@pytest.mark.parametrize("workspace", [False, True])
+def test_a_pointing_row_equals_a_plain_forward_of_its_tokens(setup, workspace):
+  tok, batches, model, params = setup
+  batch = batches[0]
+  rows = pointing.PointRows(tok, 64, K, workspace=workspace)
+  index = jnp.asarray([[2, 0, 3], [1, 3, 0], [3, 2, 1]], jnp.int32)  # Lists of 3, shuffled.
+  target = jnp.asarray([1, 0, 2], jnp.int32)
+  ids, mask = rows.targets(target)
+  inputs = reranker.encode_batch(model, params, batch)
+  hidden = rows.hidden(model, params, inputs, batch, index, ids, mask)
+  logits = np.asarray(model.apply({"params": params}, hidden,
+                                  method=lambda m, h: m.backbone.logits(h)))
+  assert np.all(mask)  # Labels 1..3: one digit and the end token, no padding.
+  n = ids.shape[1] + 1  # The answer's tokens and the slot that predicts the first.
+  for b in range(3):
+    row = _plain_row(rows, batch, b, np.asarray(index[b]), np.asarray(ids[b]))
+    np.testing.assert_allclose(logits[b, -n:], _plain_logits(model, params, row)[-n:],
+                               atol=1e-4, rtol=0)
+
+
+def test_the_greedy_answer_is_what_plain_decoding_writes(setup):
+  tok, batches, model, params = setup
+  rows = pointing.PointRows(tok, 64, K, workspace=True)
+  batch = batches[0]
+  index = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (3, K))
+  inputs = reranker.encode_batch(model, params, batch)
+  got = np.asarray(rows.greedy_answer(model, params, inputs, batch, index))
+  digits = list(tok.digit_ids)
+  for b in range(3):
+    first = int(np.argmax(_plain_logits(model, params, _plain_row(rows, batch, b, range(K)))[-1]))
+    second = int(np.argmax(_plain_logits(model, params,
+                                         _plain_row(rows, batch, b, range(K), [first]))[-1]))
+    value = 0
+    if first in digits:
+      value = digits.index(first)
+      if second in digits:
+        value = 10 * value + digits.index(second)
+    assert got[b] == value
+
+
+def test_list_choice_metrics_from_hand_counted_answers():
+  hard = np.zeros((6, 4), bool)
+  hard[:3, 1] = True  # Rows 0-2 hold a hard negative (candidate 2).
+  table = {"answer": np.array([1, 2, 0, 1, 3, 3]), "gt_index": np.array([0, 0, 0, 0, 2, 1]),
+           "task_id": np.array([0, 0, 7, 7, 7, 0]), "hard_negative_mask": hard}
+  metrics = evaluate_lists.summarize(table)
+  assert metrics["recall@1"] == pytest.approx(3 / 6)
+  assert metrics["wrong_hard"] == pytest.approx(1 / 6)  # Row 1 names candidate 2.
+  assert metrics["wrong_easy"] == pytest.approx(1 / 6)  # Row 5.
+  assert metrics["no_label"] == pytest.approx(1 / 6)  # Row 2's 0.
+  assert metrics["recall@1/with_hard"] == pytest.approx(1 / 3)
+  assert metrics["recall@1/without_hard"] == pytest.approx(2 / 3)
+  assert metrics["recall@1/task0"] == pytest.approx(1 / 3)
+  assert metrics["recall@1/task7"] == pytest.approx(2 / 3)
+  assert metrics["top_answer_share"] == pytest.approx(2 / 6)
+
+
+def test_list_choice_scores_the_greedy_answers_of_every_test_query(setup):
+  tok, batches, model, params = setup
+  rows = pointing.PointRows(tok, 64, K, workspace=False)
+  metrics = evaluate_lists.evaluate_lists(model, params, batches, rows)
+  answers, gts, tasks = [], [], []
+  for batch in batches:
+    inputs = reranker.encode_batch(model, params, batch)
+    index = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (len(batch["gt_index"]), K))
+    answer = np.asarray(rows.greedy_answer(model, params, inputs, batch, index))
+    keep = batch["valid"] & (batch["gt_index"] >= 0)
+    answers += answer[keep].tolist()
+    gts += batch["gt_index"][keep].tolist()
+    tasks += batch["task_id"][keep].tolist()
+  assert metrics["num_examples"] == len(gts) == 6  # Three test queries of each task.
+  assert metrics["recall@1"] == pytest.approx(np.mean(np.array(answers) == np.array(gts) + 1))
+  assert set(metrics) >= {"recall@1/task0", "recall@1/task7", "wrong_hard", "no_label"}
