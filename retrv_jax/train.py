@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 from collections.abc import Sequence
 
@@ -43,6 +44,7 @@ STAGE_MODULES = {"pretrain": pretrain, "align": align, "sft": sft, "grpo": grpo,
 LORA_STAGES = ("sft", "grpo")  # The stages whose model carries LoRA adapters.
 # The tiny model's own pretraining: no re-ranker to evaluate before or after them.
 PRETRAINING_STAGES = ("vision", "pretrain")
+CURVES_FILE = "grpo_curves.png"
 
 
 def stage_dir(config: ml_collections.ConfigDict, name: str) -> str:
@@ -155,8 +157,46 @@ def run(config: ml_collections.ConfigDict) -> bool:
         model, params = result or load_model(config, done, mesh, stage=name)
         evaluate_into_results(config, name, model, params, tokenizer, mesh)
   if "grpo" in names and jax.process_index() == 0:
-    plots.plot_curves(stage_dir(config, "grpo"), os.path.join(workdir, "grpo_curves.png"))
+    plots.plot_curves(stage_dir(config, "grpo"), os.path.join(workdir, CURVES_FILE))
   return True
+
+
+def log_to_file(workdir: str) -> str:
+  """Sends INFO logs (orbax, grain, the readers) to `<workdir>/train.log` (process i > 0:
+  `train.<i>.log`); the console keeps warnings, progress bars and results. Its path."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  index = jax.process_index()
+  path = os.path.join(workdir, "train.log" if index == 0 else f"train.{index}.log")
+  handler = std_logging.FileHandler(path)
+  handler.setFormatter(logging.PythonFormatter())
+  handler.setLevel(std_logging.INFO)
+  root = std_logging.getLogger()
+  root.addHandler(handler)
+  root.setLevel(std_logging.INFO)  # Python loggers (orbax, jax) below absl's own.
+  logging.get_absl_handler().setLevel(std_logging.WARNING)
+  logging.set_verbosity(logging.INFO)
+  return path
+
+
+def print_results(config: ml_collections.ConfigDict) -> None:
+  """The evaluations of the run (`results.json`) as a table, and where its curves are."""
+  results = evaluate.read_results(config.workdir)
+  if results:
+    # In the order they ran: before training, then the stages.
+    order = ["untrained", *setup.stage_names(config)]
+    names = sorted(results, key=lambda n: (order.index(n) if n in order else len(order), n))
+    keys = [k for k in evaluate.HEADLINE if any(k in row for row in results.values())]
+    width = max(map(len, results))
+    print("\n" + " " * width + "".join(f"{k:>20s}" for k in keys))
+    for name in names:
+      row = results[name]
+      print(f"{name:{width}s}" + "".join(f"{row[k]:>20.3f}" if k in row else " " * 20
+                                         for k in keys))
+    print(f"({os.path.join(os.path.abspath(config.workdir), evaluate.RESULTS_FILE)})")
+  curves = os.path.join(os.path.abspath(config.workdir), CURVES_FILE)
+  if os.path.exists(curves):
+    print(f"GRPO curves: {curves}")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -164,7 +204,11 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   parallel.maybe_initialize_distributed(**config.distributed)
   checkpoint.install_sigterm_handler()
-  run(config)
+  log = log_to_file(config.workdir)
+  if jax.process_index() == 0:
+    print(f"logs: {log}", flush=True)
+  if run(config) and jax.process_index() == 0:
+    print_results(config)
 
 
 if __name__ == "__main__":
