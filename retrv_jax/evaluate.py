@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -292,7 +293,8 @@ def evaluate(
   Returns:
     `recall@k` for k in RECALL_AT and per task `recall@k/task{t}`, `mean_inspections`
     (candidates inserted per response), `format_error_rate`, `mean_response_tokens`
-    (stop token included) and `num_examples`.
+    (stop token included), `seconds_per_query` (wall time of the batches after the first,
+    which compiles) and `num_examples`.
   """
   if sampling.temperature != 0:
     raise ValueError(f"evaluate decodes greedily: sampling.temperature must be 0, got "
@@ -301,7 +303,7 @@ def evaluate(
   max_inspections = sampling.max_inspections if sampling.inspection else 0
   step = functools.partial(eval_step, model, sampling=sampling,
                            answer_start_id=tokenizer.answer_start, candidate_chunk=candidate_chunk)
-  continuations, rows, scored = None, [], 0
+  continuations, rows, scored, timings = None, [], 0, []
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(), \
        parallel.with_rules(rules):
     for batch in batches:
@@ -316,11 +318,13 @@ def evaluate(
       if mesh is not None:
         arrays = parallel.shard_batch(arrays, mesh)
       # Every process reads every row: gathered across processes, or copied to the host.
+      start = time.perf_counter()
       out = step(params, arrays, *continuations, forced_tokens)
       if jax.process_count() > 1:
         out = multihost_utils.process_allgather(out, tiled=True)
       else:
         out = jax.device_get(out)
+      timings.append((time.perf_counter() - start, int(np.sum(out["valid"]))))
       if num_examples:
         out["valid"] = out["valid"] & (np.cumsum(out["valid"]) <= num_examples - scored)
       rows.append(_score_rows(out, tokenizer, max_inspections=max_inspections, ks=RECALL_AT))
@@ -329,7 +333,11 @@ def evaluate(
         break
   if not scored:
     raise ValueError("evaluate: the eval batches hold no valid rows (an empty split?)")
-  return _summarize({k: np.concatenate([r[k] for r in rows]) for k in rows[0]}, RECALL_AT)
+  metrics = _summarize({k: np.concatenate([r[k] for r in rows]) for k in rows[0]}, RECALL_AT)
+  # Wall time per query of the batches after the first (which compiles), where there are.
+  timed = timings[1:] or timings
+  metrics["seconds_per_query"] = sum(t for t, _ in timed) / max(sum(n for _, n in timed), 1)
+  return metrics
 
 
 def read_results(workdir: str) -> dict[str, dict[str, float]]:
