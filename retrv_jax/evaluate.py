@@ -405,22 +405,30 @@ def default_name(init_checkpoint: str) -> str:
   return os.path.basename(os.path.normpath(init_checkpoint))
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  config, name = flags.FLAGS.config, flags.FLAGS.name
+def evaluate_checkpoint(config: ml_collections.ConfigDict, name: str = "",
+                        evaluate_fn=None) -> dict[str, float]:
+  """Evaluates `config.init_checkpoint` on the run's mesh with `evaluate_fn(config, model,
+  params, tokenizer, mesh)` (default `evaluate_config`), merges the metrics into
+  `results.json` under `name` ('': `default_name`) and prints them."""
   parallel.maybe_initialize_distributed(**config.distributed)
   config_lib.validate_mesh(config, jax.device_count())
   mesh = parallel.create_mesh({axis: config.mesh[axis] for axis in parallel.MESH_AXES})
   tokenizer = setup.tokenizer(config)
   with jax.set_mesh(mesh), parallel.with_rules(tuple(config.mesh.rules)):
     model, params = setup.reranker_and_params(config, config.init_checkpoint, mesh=mesh)
-    metrics = evaluate_config(config, model, params, tokenizer, mesh)
+    metrics = (evaluate_fn or evaluate_config)(config, model, params, tokenizer, mesh)
   name = name or default_name(config.init_checkpoint)
   path = write_results(config.workdir, name, metrics)
   if jax.process_index() == 0:
     print(f"{name} -> {path}")
     for key in sorted(metrics):
       print(f"  {key:32s} {metrics[key]:.4f}")
+  return metrics
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.name)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from retrv_jax import config as config_lib
 from retrv_jax import evaluate, parallel
 from retrv_jax.data.pipeline import make_iterator, split_host_fields
 from retrv_jax.models.reranker import Reranker, encode_batch
@@ -113,20 +112,7 @@ def evaluate_lists_config(config, model: Reranker, params: Any, tokenizer, mesh
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  config, name = flags.FLAGS.config, flags.FLAGS.name
-  parallel.maybe_initialize_distributed(**config.distributed)
-  config_lib.validate_mesh(config, jax.device_count())
-  mesh = parallel.create_mesh({axis: config.mesh[axis] for axis in parallel.MESH_AXES})
-  tokenizer = setup.tokenizer(config)
-  with jax.set_mesh(mesh), parallel.with_rules(tuple(config.mesh.rules)):
-    model, params = setup.reranker_and_params(config, config.init_checkpoint, mesh=mesh,
-                                              lora=False)
-    metrics = evaluate_lists_config(config, model, params, tokenizer, mesh)
-  path = evaluate.write_results(config.workdir, name, metrics)
-  if jax.process_index() == 0:
-    print(f"{name} -> {path}")
-    for key in sorted(metrics):
-      print(f"  {key:28s} {metrics[key]:.4f}")
+  evaluate.evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.name, evaluate_lists_config)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from retrv_jax import config as config_lib
-from retrv_jax import evaluate, parallel, train
+from retrv_jax import evaluate, evaluate_lists, parallel, train
 from retrv_jax.config import ConfigError, sibling_config
 from retrv_jax.data import scene_images
 from retrv_jax.data.tokenizer import load_tokenizer
@@ -186,6 +186,17 @@ def pretrain_run(vision_run):
 
 
 @pytest.fixture(scope="module")
+def point_run(pretrain_run, workdir):
+  """List-choice pretraining from the pretrain output: lists of 2 easy, 3 and 4 candidates."""
+  config = _config(os.path.join(workdir, "point"), "pretrain", **{
+      "compression.enabled": False, "pretrain.train_vision": False,
+      "pretrain.tasks": "relate,point", "pretrain.point_workspace": True,
+      "pretrain.point_curriculum": "2:easy:1,3:all:1,4:all",
+      "data.data_dir": os.path.join(workdir, "data")})
+  return config, _train(config, "pretrain", train.output_dir(pretrain_run[0], "pretrain"))
+
+
+@pytest.fixture(scope="module")
 def align_run(pretrain_run, chain_config):
   return chain_config, _train(chain_config, "align", chain_config.init_checkpoint)
 
@@ -238,6 +249,21 @@ def test_pretrain_trains_the_language_model_alone(pretrain_run):
   assert _differs(params["backbone"]["language_model"], start["language_model"])
 
 
+def test_point_pretraining_grows_its_lists_and_its_output_is_scored(point_run):
+  config, _ = point_run
+  lines = _check_stage(config, "pretrain")
+  assert [r["point_list_size"] for r in lines] == [2, 3, 4]
+  assert all(math.isfinite(r["point_loss"]) and math.isfinite(r["relation_loss"])
+             for r in lines)
+  model, params = train.load_model(config, train.output_dir(config, "pretrain"), _mesh(),
+                                   stage="pretrain")
+  with jax.set_mesh(_mesh()):
+    metrics = evaluate_lists.evaluate_lists_config(config, model, params,
+                                                   setup.tokenizer(config), _mesh())
+  assert metrics["num_examples"] == 2  # One test query per task.
+  assert 0 <= metrics["recall@1"] <= 1 and "recall@1/task7" in metrics
+
+
 @pytest.mark.parametrize("run", ["align_run", "align_self_run"])
 def test_align_trains_the_icm_alone(run, pretrain_run, request):
   config, _ = request.getfixturevalue(run)
@@ -284,8 +310,8 @@ def test_grpo_sampler_and_learner_agree(grpo_run):
   _params(config, "grpo", lora_stage=True)
 
 
-@pytest.mark.parametrize("run", ["vision_run", "pretrain_run", "align_run", "align_self_run",
-                                 "sft_run", "grpo_run"])
+@pytest.mark.parametrize("run", ["vision_run", "pretrain_run", "point_run", "align_run",
+                                 "align_self_run", "sft_run", "grpo_run"])
 def test_each_stage_compiles_its_step_once(run, request):
   """On a multi-device mesh, step 2 must reuse step 1's executable (STYLE.md habit 4)."""
   _, compiles = request.getfixturevalue(run)

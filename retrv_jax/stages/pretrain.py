@@ -124,5 +124,9 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
   steps = [trainer.supervised_step(loss_fn, denominator, tx, sample=sample(r)) for r in rungs]
   if len(steps) == 1:
     return steps[0]
-  return lambda state, frozen, micro: jax.lax.switch(lists.rung_index(rungs, state.step), steps,
-                                                     state, frozen, micro)
+
+  def step(state, frozen, micro_batches):
+    return jax.lax.switch(lists.rung_index(rungs, state.step), steps, state, frozen,
+                          micro_batches)
+
+  return step
