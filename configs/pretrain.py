@@ -2,11 +2,13 @@
 the tiny default's start (retrv_jax/stages/pretrain.py): the vision tower first learns
 scene attributes from rendered images (retrv_jax/stages/vision.py), then the whole VLM
 learns to caption a candidate and say how it relates to the query, then (a second run from
-that output) to say how it relates alone:
+that output) to say how it relates alone, then (a third) to name the matching candidate of
+a numbered list, on lists that grow:
 
   python -m retrv_jax.train --config=configs/pretrain.py          # into workdir_pretrain
   python -m retrv_jax.train --config=configs/pretrain.py:relate   # from it, into workdir_relate
-  python -m retrv_jax.export_hf --init_checkpoint=workdir_relate/pretrain/output \\
+  python -m retrv_jax.train --config=configs/pretrain.py:point    # from it, into workdir_point
+  python -m retrv_jax.export_hf --init_checkpoint=workdir_point/pretrain/output \\
       --out=retrv_jax/data/assets/tiny_pretrained --dtype=bfloat16
 """
 
@@ -22,7 +24,7 @@ PHASES = ("tiny", "relate", "point")
 
 def get_config(arg: str = "tiny"):
   """'tiny': vision, then caption-and-compare pretraining from random init; 'relate': the
-  relation rows alone, from that output."""
+  relation rows alone, from that output; 'point': list choice, from the 'relate' output."""
   phase = arg or "tiny"
   if phase not in PHASES:
     raise ValueError(f"configs/pretrain.py:{phase}: expected one of {PHASES}; only the tiny "

@@ -14,6 +14,7 @@ from retrv_jax import parallel
 from retrv_jax.hf.config import model_config_to_hf
 from retrv_jax.models import qwen2_5_vl
 from retrv_jax.models.config import PRESETS
+from retrv_jax.stages import lists
 
 # Published sizes: Qwen2.5-VL-3B-Instruct has 3.75B parameters, -7B-Instruct 8.29B.
 PUBLISHED_BILLIONS = {"3b": 3.75, "7b": 8.29}
@@ -85,12 +86,19 @@ def test_bad_vision_values_and_unknown_keys_name_the_field():
 
 
 def test_pretrain_phases_chain_and_bad_phase_names_the_file():
-  """configs/pretrain.py: 'relate' starts from the first phase's pretrain output."""
-  first, relate = (_load_config_file("pretrain.py", arg) for arg in ("tiny", "relate"))
+  """configs/pretrain.py: 'relate' starts from the first phase's pretrain output, 'point'
+  from relate's; point's curriculum fills its steps."""
+  first, relate, point = (_load_config_file("pretrain.py", arg)
+                          for arg in ("tiny", "relate", "point"))
   assert first.stages == "vision,pretrain" and not first.init_checkpoint
   assert relate.stages == "pretrain" and relate.pretrain.tasks == "relate,template"
   assert relate.init_checkpoint == os.path.join(first.workdir, "pretrain", "output")
-  assert relate.workdir != first.workdir
+  assert point.stages == "pretrain" and "point" in point.pretrain.tasks.split(",")
+  assert point.init_checkpoint == os.path.join(relate.workdir, "pretrain", "output")
+  assert len({first.workdir, relate.workdir, point.workdir}) == 3
+  rungs = lists.parse(point.pretrain.point_curriculum, num_candidates=point.data.num_candidates,
+                      steps=point.pretrain.steps, field="point")
+  assert rungs[-1].size == point.data.num_candidates and rungs[-1].hard
   with pytest.raises(ValueError, match=r"configs/pretrain.py:7b"):
     _load_config_file("pretrain.py", "7b")
 
