@@ -257,9 +257,10 @@ def test_point_pretraining_grows_its_lists_and_its_output_is_scored(point_run):
              for r in lines)
   model, params = train.load_model(config, train.output_dir(config, "pretrain"), _mesh(),
                                    stage="pretrain")
-  with jax.set_mesh(_mesh()):
+  mesh = _mesh()
+  with jax.set_mesh(mesh), parallel.with_rules(tuple(config.mesh.rules)):  # As its main runs.
     metrics = evaluate_lists.evaluate_lists_config(config, model, params,
-                                                   setup.tokenizer(config), _mesh())
+                                                   setup.tokenizer(config), mesh)
   assert metrics["num_examples"] == 2  # One test query per task.
   assert 0 <= metrics["recall@1"] <= 1 and "recall@1/task7" in metrics
 

@@ -94,8 +94,8 @@ class PointRows:
                     ) -> jax.Array:
     """The label the model writes first, greedily: `[B]` 1-based, its digits up to two;
     0 when its first token is not a digit."""
-    logits_of = lambda hidden: model.apply({"params": params}, hidden[:, -1],
-                                           method=sequences._backbone("logits"))
+    logits_of = lambda hidden: model.apply({"params": params}, hidden[:, -1:],
+                                           method=sequences._backbone("logits"))[:, 0]
     empty = jnp.zeros((index.shape[0], 0), jnp.int32)
     first = jnp.argmax(logits_of(self.hidden(model, params, inputs, batch, index, empty,
                                              empty.astype(bool))), axis=-1).astype(jnp.int32)
