@@ -2,14 +2,20 @@
 the tiny default's start (retrv_jax/stages/pretrain.py): the vision tower first learns
 scene attributes from rendered images (retrv_jax/stages/vision.py), then the whole VLM
 learns to caption a candidate and say how it relates to the query, then (a second run from
-that output) to say how it relates alone, then (a third) to name the matching candidate of
-a numbered list, on lists that grow:
+that output) to say how it relates alone (the shipped model):
 
   python -m retrv_jax.train --config=configs/pretrain.py          # into workdir_pretrain
   python -m retrv_jax.train --config=configs/pretrain.py:relate   # from it, into workdir_relate
-  python -m retrv_jax.train --config=configs/pretrain.py:point    # from it, into workdir_point
-  python -m retrv_jax.export_hf --init_checkpoint=workdir_point/pretrain/output \\
+  python -m retrv_jax.export_hf --init_checkpoint=workdir_relate/pretrain/output \\
       --out=retrv_jax/data/assets/tiny_pretrained --dtype=bfloat16
+
+A third phase, 'point', teaches list choice (name the matching candidate of a numbered
+list, on lists that grow) from the relate output; it does not reach list choice at K = 10
+yet and is not in the shipped model (README: the tiny pretrained model):
+
+  python -m retrv_jax.train --config=configs/pretrain.py:point    # into workdir_point
+  python -m retrv_jax.evaluate_lists --config=configs/pretrain.py:point \\
+      --config.init_checkpoint=workdir_point/pretrain/output --config.workdir=workdir_point
 """
 
 import os
