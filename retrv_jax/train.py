@@ -164,6 +164,7 @@ def run(config: ml_collections.ConfigDict) -> bool:
 def log_to_file(workdir: str) -> str:
   """Sends INFO logs (orbax, grain, the readers) to `<workdir>/train.log` (process i > 0:
   `train.<i>.log`); the console keeps warnings, progress bars and results. Its path."""
+  logging.get_absl_handler().setLevel(std_logging.WARNING)  # First: JAX's start-up lines.
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   index = jax.process_index()
@@ -174,7 +175,6 @@ def log_to_file(workdir: str) -> str:
   root = std_logging.getLogger()
   root.addHandler(handler)
   root.setLevel(std_logging.INFO)  # Python loggers (orbax, jax) below absl's own.
-  logging.get_absl_handler().setLevel(std_logging.WARNING)
   logging.set_verbosity(logging.INFO)
   return path
 
