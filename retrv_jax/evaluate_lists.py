@@ -49,8 +49,8 @@ def evaluate_lists(model: Reranker, params: Any, batches: Iterable[dict],
   @jax.jit
   def answer(params, arrays):
     inputs = encode_batch(model, params, arrays)
-    k = arrays["gt_index"].shape[0], arrays["candidate_mask"].shape[1]
-    index = jnp.broadcast_to(jnp.arange(k[1], dtype=jnp.int32)[None], k)
+    shape = arrays["candidate_mask"].shape[:2]  # [B, K]: each row's stage-I list, in order.
+    index = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32)[None], shape)
     return rows.greedy_answer(model, params, inputs, arrays, index)
 
   out = {key: [] for key in ("answer",) + ROW_KEYS}
