@@ -25,7 +25,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 NEGATIVES = ("easy", "all")
 
@@ -73,12 +72,6 @@ def rung_index(rungs: tuple[Rung, ...], step: jax.Array) -> jax.Array:
   """The rung that optimizer step `step` (0-based, traced) trains on."""
   ends = jnp.asarray([r.end for r in rungs[:-1]], jnp.int32)
   return jnp.sum(step >= ends).astype(jnp.int32)
-
-
-def schedule(rungs: tuple[Rung, ...], steps: int) -> list[tuple[int, bool]]:
-  """(size, hard) of every step: the curriculum laid out on the host (logs, tests)."""
-  index = np.asarray(jax.vmap(lambda s: rung_index(rungs, s))(jnp.arange(steps)))
-  return [(rungs[i].size, rungs[i].hard) for i in index]
 
 
 def sample(key: jax.Array, gt_index: jax.Array, hard_negatives: jax.Array, size: int,

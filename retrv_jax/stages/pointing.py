@@ -84,11 +84,9 @@ class PointRows:
     with a positive: the loss per list, whose chance is ln n."""
     ids, mask = self.targets(target)
     hidden = self.hidden(model, params, inputs, batch, index, ids, mask)
-    predictors = hidden[:, -ids.shape[1] - 1: -1]
-    logits = model.apply({"params": params}, predictors, method=sequences._backbone("logits"))
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    token_logp = jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
-    return -jnp.sum(token_logp * mask), jnp.sum(target >= 0, dtype=jnp.float32)
+    logits_fn = lambda h: model.apply({"params": params}, h, method=sequences._backbone("logits"))
+    nll, _ = sequences.sequence_loss(logits_fn, hidden, ids, mask)
+    return nll, jnp.sum(target >= 0, dtype=jnp.float32)
 
   def greedy_answer(self, model, params, inputs: RerankInputs, batch, index: jax.Array
                     ) -> jax.Array:
