@@ -124,6 +124,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.pretrain.point_curriculum = ""
   # The relation question after each candidate of a pointing list (stages/pointing.py).
   config.pretrain.point_workspace = False
+  # Each candidate of a pointing list ends on its label again, and the verdict loss (its
+  # weight; 0: off, needs the tag) trains a match/no judgement at that label.
+  config.pretrain.point_tag = False
+  config.pretrain.point_verdict_weight = 0.0
   # Stage 1: ICM self-alignment (LM frozen).
   config.align = _stage(steps=60 if tiny else 2000, batch_size=8 if tiny else 64,
                         learning_rate=1e-3 if tiny else 1e-4, warmup_steps=10 if tiny else 100)

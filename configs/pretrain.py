@@ -67,7 +67,11 @@ def get_config(arg: str = "tiny"):
     config.pretrain.candidates_per_example = 2
     config.pretrain.train_vision = False
     config.pretrain.point_workspace = True
-    config.pretrain.point_curriculum = "3:easy:150,5:easy:250,5:all:200,10:all"
+    # Each candidate ends on its label and a written verdict; the answer copies the label
+    # of the " match" (stages/pointing.py), and the verdicts are trained directly.
+    config.pretrain.point_tag = True
+    config.pretrain.point_verdict_weight = 1.0
+    config.pretrain.point_curriculum = "3:easy:60,5:easy:40,10:all"
     config.pretrain.batch_size = 16
     config.pretrain.steps = 900
     config.pretrain.log_every = 25

@@ -17,6 +17,13 @@ under NAME (default `list_choice`):
                             no candidate (not a label in 1..K), as fractions of all queries
   top_answer_share          the share of the most frequent answer (a position prior: 1.0
                             answers one label whatever the list)
+
+With tags (`pretrain.point_tag`) the model first writes a verdict after each candidate,
+then answers; also:
+
+  verdict_recall@1          the candidate whose verdict was surest of " match" is the positive
+  verdict_one_match         lists where exactly one verdict says " match"
+  verdict_matches_per_list  verdicts saying " match", on average
 """
 
 from __future__ import annotations
@@ -51,21 +58,26 @@ def evaluate_lists(model: Reranker, params: Any, batches: Iterable[dict],
     inputs = encode_batch(model, params, arrays)
     shape = arrays["candidate_mask"].shape[:2]  # [B, K]: each row's stage-I list, in order.
     index = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32)[None], shape)
-    return rows.greedy_answer(model, params, inputs, arrays, index)
+    if rows.tags is None:
+      return {"answer": rows.greedy_answer(model, params, inputs, arrays, index)}
+    verdicts, margins = rows.greedy_verdicts(model, params, inputs, arrays, index)
+    return {"answer": rows.greedy_answer(model, params, inputs, arrays, index, verdicts),
+            "verdict_choice": jnp.argmax(margins, axis=-1).astype(jnp.int32) + 1,
+            "verdict_matches": jnp.sum(verdicts == rows.verdict_words[0], axis=-1)}
 
-  out = {key: [] for key in ("answer",) + ROW_KEYS}
+  out = {key: [] for key in ("answer", "verdict_choice", "verdict_matches") + ROW_KEYS}
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     for batch in batches:
       arrays, _ = split_host_fields(batch)
       device = parallel.shard_batch(arrays, mesh) if mesh is not None else arrays
-      got = {"answer": answer(params, device), **{key: device[key] for key in ROW_KEYS}}
+      got = {**answer(params, device), **{key: device[key] for key in ROW_KEYS}}
       got = (multihost_utils.process_allgather(got, tiled=True) if jax.process_count() > 1
              else jax.device_get(got))
       for key, value in got.items():
         out[key].append(np.asarray(value))
       if num_examples and sum(int(np.sum(v)) for v in out["valid"]) >= num_examples:
         break
-  table = {key: np.concatenate(value) for key, value in out.items()}
+  table = {key: np.concatenate(value) for key, value in out.items() if value}
   keep = table["valid"] & (table["gt_index"] >= 0)
   if num_examples:
     keep &= np.cumsum(keep) <= num_examples
@@ -93,6 +105,11 @@ def summarize(table: dict[str, np.ndarray]) -> dict[str, float]:
       metrics[f"recall@1/{name}"] = correct[rows].mean()
   for task in np.unique(table["task_id"]):
     metrics[f"recall@1/task{int(task)}"] = correct[table["task_id"] == task].mean()
+  if "verdict_choice" in table:  # Tagged lists: what the written verdicts say.
+    metrics["verdict_recall@1"] = np.mean(table["verdict_choice"] == gt + 1)
+    matches = table["verdict_matches"]
+    metrics["verdict_one_match"] = np.mean(matches == 1)
+    metrics["verdict_matches_per_list"] = np.mean(matches)
   return {key: float(value) for key, value in metrics.items()}
 
 
@@ -105,7 +122,8 @@ def evaluate_lists_config(config, model: Reranker, params: Any, tokenizer, mesh
                                compress_candidates=True)
   model = Reranker(setup.with_vision_blocks(model.config, data), model.compression)
   rows = pointing.PointRows(tokenizer, config.compression.max_query_tokens,
-                            config.data.num_candidates, workspace=config.pretrain.point_workspace)
+                            config.data.num_candidates, workspace=config.pretrain.point_workspace,
+                            tag=config.pretrain.point_tag)
   return evaluate_lists(model, params, make_iterator("eval", data, tokenizer), rows,
                         num_examples=int(config.eval.num_examples), mesh=mesh)
 

@@ -48,8 +48,9 @@ def _image_pixels(batch, b: int, slot: int):
   return batch["pixel_values"][start:start + sizes[at]], grids[at:at + 1]
 
 
-def _plain_row(rows: pointing.PointRows, batch, b: int, index, answer=()):
-  """The row's tokens, its images' patches and grids, as a plain sequence."""
+def _plain_row(rows: pointing.PointRows, batch, b: int, index, answer=(), verdicts=()):
+  """The row's tokens, its images' patches and grids, as a plain sequence (with tags, the
+  verdict words `verdicts` after them)."""
   query = batch["input_ids"][b][batch["query_mask"][b].astype(bool)]
   ids, images = [rows.texts[0], query, rows.texts[1]], [0] if np.any(
       query == tiny().image_token_id) else []
@@ -58,6 +59,8 @@ def _plain_row(rows: pointing.PointRows, batch, b: int, index, answer=()):
     ids += [rows.labels[place], block]
     if rows.workspace is not None:
       ids.append(rows.workspace)
+    if rows.tags is not None:
+      ids += [rows.tags[place], np.asarray(verdicts[place: place + 1], np.int32)]
     ids.append(rows.newline)
     if np.any(block == tiny().image_token_id):
       images.append(1 + int(k))
@@ -74,38 +77,86 @@ def _plain_logits(model, params, row):
                                    np.ones((1, len(ids)), np.int32))[0])
 
 
-@pytest.mark.parametrize("workspace", [False, True])
-def test_a_pointing_row_equals_a_plain_forward_of_its_tokens(setup, workspace):
+@pytest.mark.parametrize("workspace,tag", [(False, False), (True, False), (True, True)])
+def test_a_pointing_row_equals_a_plain_forward_of_its_tokens(setup, workspace, tag):
   tok, batches, model, params = setup
   batch = batches[0]
-  rows = pointing.PointRows(tok, 64, K, workspace=workspace)
+  rows = pointing.PointRows(tok, 64, K, workspace=workspace, tag=tag)
   index = jnp.asarray([[2, 0, 3], [1, 3, 0], [3, 2, 1]], jnp.int32)  # Lists of 3, shuffled.
   target = jnp.asarray([1, 0, 2], jnp.int32)
   ids, mask = rows.targets(target)
   inputs = reranker.encode_batch(model, params, batch)
-  hidden = rows.hidden(model, params, inputs, batch, index, ids, mask)
+  verdicts = rows.true_verdicts(target, 3) if tag else None
+  hidden, tag_slots = rows.hidden(model, params, inputs, batch, index, ids, mask, verdicts)
   logits = np.asarray(model.apply({"params": params}, hidden,
                                   method=lambda m, h: m.backbone.logits(h)))
   assert np.all(mask)  # Labels 1..3: one digit and the end token, no padding.
   n = ids.shape[1] + 1  # The answer's tokens and the slot that predicts the first.
+  assert len(tag_slots) == (3 if tag else 0)
   for b in range(3):
-    row = _plain_row(rows, batch, b, np.asarray(index[b]), np.asarray(ids[b]))
-    np.testing.assert_allclose(logits[b, -n:], _plain_logits(model, params, row)[-n:],
-                               atol=1e-4, rtol=0)
+    row = _plain_row(rows, batch, b, np.asarray(index[b]), np.asarray(ids[b]),
+                     np.asarray(verdicts[b]) if tag else ())
+    plain = _plain_logits(model, params, row)
+    np.testing.assert_allclose(logits[b, -n:], plain[-n:], atol=1e-4, rtol=0)
+    if tag:  # The tags' slots hold the logits of each tag's last token, then its verdict.
+      ends = np.asarray(_tag_ends(rows, row[0]))
+      np.testing.assert_allclose(logits[b, tag_slots], plain[ends], atol=1e-4, rtol=0)
+      assert row[0][ends + 1].tolist() == np.asarray(verdicts[b]).tolist()
 
 
-def test_the_greedy_answer_is_what_plain_decoding_writes(setup):
+def _tag_ends(rows, ids, n=3):
+  """The slots of a plain row where each tag's last token sits, found by its text and the
+  verdict word after it."""
+  ends, start = [], 0
+  for tag in rows.tags[:n]:
+    for at in range(start, len(ids) - len(tag) + 1):
+      # The label before a block reads the same but goes on with ':'; a tag, its verdict.
+      if np.array_equal(ids[at:at + len(tag)], tag) and ids[at + len(tag)] in rows.verdict_words:
+        ends.append(at + len(tag) - 1)
+        start = at + len(tag)
+        break
+  assert len(ends) == n
+  return ends
+
+
+def test_the_verdict_loss_against_hand_computed_values():
+  # Two lists of 3; the second has no positive (target -1) and counts for nothing.
+  logits = jnp.asarray([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [[5.0, 0.0]] * 3])
+  ce, top1 = pointing.verdict_loss(logits, jnp.asarray([0, -1]))
+  softplus = lambda x: np.log1p(np.exp(x))
+  # Positive: -log sigmoid(2); negatives: -log sigmoid(1) and -log sigmoid(0), each / 4.
+  expected = 0.5 * softplus(-2.0) + 0.25 * softplus(-1.0) + 0.25 * softplus(0.0)
+  assert float(ce) == pytest.approx(expected, rel=1e-6)
+  assert float(top1) == 1.0  # Margins 2, -1, 0: place 0, the target.
+
+
+@pytest.mark.parametrize("tag", [False, True])
+def test_the_greedy_answer_is_what_plain_decoding_writes(setup, tag):
   tok, batches, model, params = setup
-  rows = pointing.PointRows(tok, 64, K, workspace=True)
+  rows = pointing.PointRows(tok, 64, K, workspace=True, tag=tag)
   batch = batches[0]
   index = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (3, K))
   inputs = reranker.encode_batch(model, params, batch)
   got = np.asarray(rows.greedy_answer(model, params, inputs, batch, index))
+  if tag:
+    words, margins = (np.asarray(x) for x in rows.greedy_verdicts(model, params, inputs, batch,
+                                                                  index))
   digits = list(tok.digit_ids)
   for b in range(3):
-    first = int(np.argmax(_plain_logits(model, params, _plain_row(rows, batch, b, range(K)))[-1]))
-    second = int(np.argmax(_plain_logits(model, params,
-                                         _plain_row(rows, batch, b, range(K), [first]))[-1]))
+    verdicts = []
+    if tag:  # Each verdict by plain decoding of the row so far, restricted to the two words.
+      for place in range(K):
+        later = [int(rows.verdict_words[1])] * (K - place)  # Unseen by this tag (causal).
+        row = _plain_row(rows, batch, b, range(K), verdicts=verdicts + later)
+        logits = _plain_logits(model, params, row)[_tag_ends(rows, row[0], K)[place]]
+        match, no = logits[rows.verdict_words]
+        np.testing.assert_allclose(margins[b, place], match - no, atol=1e-4)
+        verdicts.append(int(rows.verdict_words[0] if match > no else rows.verdict_words[1]))
+      assert words[b].tolist() == verdicts
+    first = int(np.argmax(_plain_logits(model, params,
+                                        _plain_row(rows, batch, b, range(K), [], verdicts))[-1]))
+    second = int(np.argmax(_plain_logits(model, params, _plain_row(
+        rows, batch, b, range(K), [first], verdicts))[-1]))
     value = 0
     if first in digits:
       value = digits.index(first)

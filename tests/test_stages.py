@@ -191,6 +191,7 @@ def point_run(pretrain_run, workdir):
   config = _config(os.path.join(workdir, "point"), "pretrain", **{
       "compression.enabled": False, "pretrain.train_vision": False,
       "pretrain.tasks": "relate,point", "pretrain.point_workspace": True,
+      "pretrain.point_tag": True, "pretrain.point_verdict_weight": 1.0,
       "pretrain.point_curriculum": "2:easy:1,3:all:1,4:all",
       "data.data_dir": os.path.join(workdir, "data")})
   return config, _train(config, "pretrain", train.output_dir(pretrain_run[0], "pretrain"))
@@ -254,7 +255,7 @@ def test_point_pretraining_grows_its_lists_and_its_output_is_scored(point_run):
   lines = _check_stage(config, "pretrain")
   assert [r["point_list_size"] for r in lines] == [2, 3, 4]
   assert all(math.isfinite(r["point_loss"]) and math.isfinite(r["relation_loss"])
-             for r in lines)
+             and 0 <= r["point_verdict_top1"] <= 1 for r in lines)
   model, params = train.load_model(config, train.output_dir(config, "pretrain"), _mesh(),
                                    stage="pretrain")
   mesh = _mesh()
@@ -263,6 +264,8 @@ def test_point_pretraining_grows_its_lists_and_its_output_is_scored(point_run):
                                                    setup.tokenizer(config), mesh)
   assert metrics["num_examples"] == 2  # One test query per task.
   assert 0 <= metrics["recall@1"] <= 1 and "recall@1/task7" in metrics
+  assert 0 <= metrics["verdict_recall@1"] <= 1  # The tagged lists' written verdicts.
+  assert 0 <= metrics["verdict_matches_per_list"] <= config.data.num_candidates
 
 
 @pytest.mark.parametrize("run", ["align_run", "align_self_run"])

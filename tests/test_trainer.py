@@ -142,22 +142,26 @@ def test_accumulated_micro_batches_equal_one_large_batch(setup):
     assert norms and max(norms) > 0, group
 
 
-def _pretrain_config(tasks: str, curriculum: str = "", workspace: bool = False
+def _pretrain_config(tasks: str, curriculum: str = "", workspace: bool = False,
+                     tag: bool = False, verdict_weight: float = 0.0
                      ) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "compression": {"max_query_tokens": 64}, "data": {"num_candidates": K},
       "pretrain": {"candidates_per_example": 2, "tasks": tasks, "steps": STEPS,
-                   "point_curriculum": curriculum, "point_workspace": workspace}})
+                   "point_curriculum": curriculum, "point_workspace": workspace,
+                   "point_tag": tag, "point_verdict_weight": verdict_weight}})
 
 
-@pytest.mark.parametrize("tasks", ["describe,template,point", "relate,template"])
-def test_pretrain_accumulation_equals_one_large_batch(setup, tasks):
-  """The template LM term of `pretrain` must not weigh more with more micro-batches."""
+@pytest.mark.parametrize("tasks,tag", [("describe,template,point", False),
+                                       ("relate,template", False), ("relate,point", True)])
+def test_pretrain_accumulation_equals_one_large_batch(setup, tasks, tag):
+  """The template LM term of `pretrain` must not weigh more with more micro-batches, nor
+  the pointing verdicts."""
   model_config = _small_model()
   icm = CompressionConfig(enabled=False)
   params = jax.jit(lambda key: outputs.load_params("", model_config, icm, key))(jax.random.key(0))
   trainable, frozen = lora.partition(params, lora.path_regex(*pretrain.TRAINABLE))
-  config = _pretrain_config(tasks)
+  config = _pretrain_config(tasks, tag=tag, verdict_weight=1.0 if tag else 0.0)
   tx = optax.sgd(0.05)
   step = jax.jit(pretrain.make_step(Reranker(model_config, icm), config, setup.tok, tx))
   two, _ = _batches(setup, 2, 2, stage="align")
@@ -173,6 +177,18 @@ def test_pretrain_accumulation_equals_one_large_batch(setup, tasks):
   # 'relate' scores the relation rows alone.
   assert "relation_loss" in out_one["pairs"]
   assert ("content_loss" in out_one["pairs"]) == tasks.startswith("describe")
+  assert ("point_verdict_loss" in out_one["pairs"]) == tag
+  if tag:
+    np.testing.assert_allclose(out_two["pairs"]["point_verdict_loss"],
+                               out_one["pairs"]["point_verdict_loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("tag,weight", [(True, -1.0), (False, 0.5)])
+def test_a_bad_verdict_weight_is_named(setup, tag, weight):
+  config = _pretrain_config("relate,point", tag=tag, verdict_weight=weight)
+  with pytest.raises(ValueError, match=r"config\.pretrain\.point_verdict_weight"):
+    pretrain.make_step(Reranker(_small_model(), CompressionConfig(enabled=False)), config,
+                       setup.tok, optax.sgd(0.05))
 
 
 def test_pretrain_point_lists_follow_the_curriculum_step_by_step(setup):

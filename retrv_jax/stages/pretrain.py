@@ -65,7 +65,12 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
   rungs = lists.parse(config.pretrain.point_curriculum or f"{k}:all", num_candidates=k,
                       steps=int(config.pretrain.steps), field="config.pretrain.point_curriculum")
   point = pointing.PointRows(tokenizer, config.compression.max_query_tokens,
-                             max(r.size for r in rungs), workspace=config.pretrain.point_workspace)
+                             max(r.size for r in rungs), workspace=config.pretrain.point_workspace,
+                             tag=config.pretrain.point_tag)
+  verdict_weight = float(config.pretrain.point_verdict_weight)
+  if verdict_weight < 0 or (verdict_weight and not config.pretrain.point_tag):
+    raise ValueError(f"config.pretrain.point_verdict_weight = {verdict_weight}: expected >= 0, "
+                     "and 0 unless config.pretrain.point_tag (the verdict is read at the tags)")
 
   def sample(rung: lists.Rung):
     def draw(stacked, key):
@@ -109,12 +114,15 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
       pairs["template_loss"] = (lm_loss, lm_count)
       loss += lm_loss / denom[0]
     if "point" in tasks:
-      point_loss, lists_count = point.loss(model, params, inputs, batch, batch["point_index"],
-                                           batch["point_target"])
-      pairs["point_loss"] = (point_loss, lists_count)
+      point_pairs = point.loss(model, params, inputs, batch, batch["point_index"],
+                               batch["point_target"])
+      pairs.update(point_pairs)
+      lists_count = point_pairs["point_loss"][1]
       size = jnp.float32(batch["point_index"].shape[-1])
       pairs["point_list_size"] = (size * lists_count, lists_count)
-      loss += point_loss / denom[1]
+      loss += point_pairs["point_loss"][0] / denom[1]
+      if verdict_weight:
+        loss += verdict_weight * point_pairs["point_verdict_loss"][0] / denom[1]
     return loss, pairs
 
   if "point" not in tasks:
