@@ -9,9 +9,9 @@ that output) to say how it relates alone (the shipped model):
   python -m retrv_jax.export_hf --init_checkpoint=workdir_relate/pretrain/output \\
       --out=retrv_jax/data/assets/tiny_pretrained --dtype=bfloat16
 
-A third phase, 'point', teaches list choice (name the matching candidate of a numbered
-list, on lists that grow) from the relate output; it does not reach list choice at K = 10
-yet and is not in the shipped model (README: the tiny pretrained model):
+A third phase, 'point', teaches list choice from the shipped model (the relate output,
+exported): name the matching candidate of a numbered list, on lists that grow, after
+writing a verdict on each candidate (README: the tiny pretrained model, list choice):
 
   python -m retrv_jax.train --config=configs/pretrain.py:point    # into workdir_point
   python -m retrv_jax.evaluate_lists --config=configs/pretrain.py:point \\
@@ -21,10 +21,11 @@ yet and is not in the shipped model (README: the tiny pretrained model):
 import os
 
 from retrv_jax.config import sibling_config
+from retrv_jax.stages.assets import TINY_PRETRAINED
 
 base = sibling_config(__file__)
 FIRST_WORKDIR = "workdir_pretrain"  # The first phase's; the 'relate' phase starts from it.
-RELATE_WORKDIR = "workdir_relate"  # The 'relate' phase's; the 'point' phase starts from it.
+RELATE_WORKDIR = "workdir_relate"  # The 'relate' phase's, exported as the shipped model.
 PHASES = ("tiny", "relate", "point")
 
 
@@ -62,7 +63,7 @@ def get_config(arg: str = "tiny"):
     # the learning rate low (1e-3 wrecks the relation features in the first Adam steps).
     config.stages = "pretrain"
     config.workdir = "workdir_point"
-    config.init_checkpoint = os.path.join(RELATE_WORKDIR, "pretrain", "output")
+    config.init_checkpoint = TINY_PRETRAINED
     config.pretrain.tasks = "relate,point"
     config.pretrain.candidates_per_example = 2
     config.pretrain.train_vision = False

@@ -15,6 +15,7 @@ from retrv_jax.hf.config import model_config_to_hf
 from retrv_jax.models import qwen2_5_vl
 from retrv_jax.models.config import PRESETS
 from retrv_jax.stages import lists
+from retrv_jax.stages.assets import TINY_PRETRAINED
 
 # Published sizes: Qwen2.5-VL-3B-Instruct has 3.75B parameters, -7B-Instruct 8.29B.
 PUBLISHED_BILLIONS = {"3b": 3.75, "7b": 8.29}
@@ -87,14 +88,17 @@ def test_bad_vision_values_and_unknown_keys_name_the_field():
 
 def test_pretrain_phases_chain_and_bad_phase_names_the_file():
   """configs/pretrain.py: 'relate' starts from the first phase's pretrain output, 'point'
-  from relate's; point's curriculum fills its steps."""
+  from the shipped model (relate's output, exported); point's curriculum fills its steps,
+  its schedule laid over the longer run it was stopped in."""
   first, relate, point = (_load_config_file("pretrain.py", arg)
                           for arg in ("tiny", "relate", "point"))
   assert first.stages == "vision,pretrain" and not first.init_checkpoint
   assert relate.stages == "pretrain" and relate.pretrain.tasks == "relate,template"
   assert relate.init_checkpoint == os.path.join(first.workdir, "pretrain", "output")
   assert point.stages == "pretrain" and "point" in point.pretrain.tasks.split(",")
-  assert point.init_checkpoint == os.path.join(relate.workdir, "pretrain", "output")
+  assert point.init_checkpoint == TINY_PRETRAINED
+  assert point.pretrain.point_tag and point.pretrain.point_verdict_weight > 0
+  assert point.pretrain.optim.total_steps > point.pretrain.steps
   assert len({first.workdir, relate.workdir, point.workdir}) == 3
   rungs = lists.parse(point.pretrain.point_curriculum, num_candidates=point.data.num_candidates,
                       steps=point.pretrain.steps, field="point")
