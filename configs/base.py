@@ -124,8 +124,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.pretrain.point_curriculum = ""
   # The relation question after each candidate of a pointing list (stages/pointing.py).
   config.pretrain.point_workspace = False
-  # Each candidate of a pointing list ends on its label again, and the verdict loss (its
-  # weight; 0: off, needs the tag) trains a match/no judgement at that label.
+  # Each candidate of a pointing list ends on its label again and a written verdict word
+  # (" match" / "no"); the verdict loss (its weight; 0: off, needs the tag) trains it.
   config.pretrain.point_tag = False
   config.pretrain.point_verdict_weight = 0.0
   # Stage 1: ICM self-alignment (LM frozen).
