@@ -128,6 +128,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # (" match" / "no"); the verdict loss (its weight; 0: off, needs the tag) trains it.
   config.pretrain.point_tag = False
   config.pretrain.point_verdict_weight = 0.0
+  # The candidates' pieces in parallel: each sees the query and itself only, so its verdict
+  # is judged alone and no tag sees another's word; the answer sees them all (needs tags).
+  config.pretrain.point_parallel = False
   # Stage 1: ICM self-alignment (LM frozen).
   config.align = _stage(steps=60 if tiny else 2000, batch_size=8 if tiny else 64,
                         learning_rate=1e-3 if tiny else 1e-4, warmup_steps=10 if tiny else 100)

@@ -121,9 +121,7 @@ def evaluate_lists_config(config, model: Reranker, params: Any, tokenizer, mesh
   data = setup.pipeline_config(config, batch_size=per_process, split=config.eval.split,
                                compress_candidates=True)
   model = Reranker(setup.with_vision_blocks(model.config, data), model.compression)
-  rows = pointing.PointRows(tokenizer, config.compression.max_query_tokens,
-                            config.data.num_candidates, workspace=config.pretrain.point_workspace,
-                            tag=config.pretrain.point_tag)
+  rows = pointing.PointRows.from_config(config, tokenizer, config.data.num_candidates)
   return evaluate_lists(model, params, make_iterator("eval", data, tokenizer), rows,
                         num_examples=int(config.eval.num_examples), mesh=mesh)
 

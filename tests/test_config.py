@@ -88,8 +88,8 @@ def test_bad_vision_values_and_unknown_keys_name_the_field():
 
 def test_pretrain_phases_chain_and_bad_phase_names_the_file():
   """configs/pretrain.py: 'relate' starts from the first phase's pretrain output, 'point'
-  from the shipped model (relate's output, exported); point's curriculum fills its steps,
-  its schedule laid over the longer run it was stopped in."""
+  from the shipped model (relate's output, exported), its pieces in parallel; point's
+  curriculum fills its steps."""
   first, relate, point = (_load_config_file("pretrain.py", arg)
                           for arg in ("tiny", "relate", "point"))
   assert first.stages == "vision,pretrain" and not first.init_checkpoint
@@ -98,7 +98,8 @@ def test_pretrain_phases_chain_and_bad_phase_names_the_file():
   assert point.stages == "pretrain" and "point" in point.pretrain.tasks.split(",")
   assert point.init_checkpoint == TINY_PRETRAINED
   assert point.pretrain.point_tag and point.pretrain.point_verdict_weight > 0
-  assert point.pretrain.optim.total_steps > point.pretrain.steps
+  assert point.pretrain.point_parallel
+  assert point.pretrain.optim.total_steps >= point.pretrain.steps
   assert len({first.workdir, relate.workdir, point.workdir}) == 3
   rungs = lists.parse(point.pretrain.point_curriculum, num_candidates=point.data.num_candidates,
                       steps=point.pretrain.steps, field="point")

@@ -16,7 +16,7 @@ from retrv_jax.models import reranker
 from retrv_jax.models.compression import CompressionConfig
 from retrv_jax.models.config import tiny
 from retrv_jax.models.qwen2_5_vl import Qwen25VL
-from retrv_jax.stages import pointing
+from retrv_jax.stages import pointing, sequences
 
 K = 4
 
@@ -117,6 +117,88 @@ def _tag_ends(rows, ids, n=3):
         break
   assert len(ends) == n
   return ends
+
+
+def test_parallel_pieces_start_together_and_see_only_the_prefix():
+  """Two rows: a prefix of 2 tokens, pieces of 3 and 1 (row 1: 1 and 2) real tokens, a
+  suffix of 2; the suffix starts past the longer piece."""
+  seg = lambda mask: sequences.text_segment(jnp.zeros((2, len(mask[0]), 1)),
+                                            jnp.asarray(mask, bool))
+  prefix = [seg([[1, 1], [1, 1]])]
+  pieces = [[seg([[1, 1, 1], [1, 0, 0]])], [seg([[1], [1]]), seg([[0], [1]])]]
+  _, positions, mask, ids = sequences.assemble_parallel(prefix, pieces, [seg([[1, 1]] * 2)])
+  assert ids.tolist() == [[0, 0, 1, 1, 1, 2, 2, 0, 0]] * 2
+  assert positions[0].tolist() == [[0, 1, 2, 3, 4, 2, 0, 5, 6], [0, 1, 2, 0, 0, 2, 3, 4, 5]]
+  assert mask[1].tolist() == [True, True, True, False, False, True, True, True, True]
+
+
+def _plain_piece(rows: pointing.PointRows, batch, b: int, place: int, k: int):
+  """The prefix and one candidate's piece (place `place`, candidate `k`) as a plain
+  sequence: what a parallel piece must compute."""
+  query = batch["input_ids"][b][batch["query_mask"][b].astype(bool)]
+  block = batch["splice_ids"][b, k][batch["splice_mask"][b, k].astype(bool)]
+  ids = [rows.texts[0], query, rows.texts[1], rows.labels[place], block, rows.workspace,
+         rows.tags[place], rows.newline]
+  images = ([0] if np.any(query == tiny().image_token_id) else []) + (
+      [1 + k] if np.any(block == tiny().image_token_id) else [])
+  pixels = [_image_pixels(batch, b, s) for s in images]
+  return (np.concatenate(ids).astype(np.int32), np.concatenate([p for p, _ in pixels]),
+          np.concatenate([g for _, g in pixels]))
+
+
+def test_parallel_pieces_equal_each_piece_alone(setup):
+  """Each parallel piece's tag computes what the prefix and that piece alone compute; the
+  greedy verdicts are one forward's margins, " match" written at the largest."""
+  tok, batches, model, params = setup
+  batch = batches[0]
+  rows = pointing.PointRows(tok, 64, K, workspace=True, tag=True, parallel=True)
+  index = jnp.asarray([[2, 0, 3], [1, 3, 0], [3, 2, 1]], jnp.int32)
+  target = jnp.asarray([1, 0, 2], jnp.int32)
+  ids, mask = rows.targets(target)
+  inputs = reranker.encode_batch(model, params, batch)
+  verdicts = rows.true_verdicts(target, 3)
+  hidden, tag_slots = rows.hidden(model, params, inputs, batch, index, ids, mask, verdicts)
+  logits = np.asarray(model.apply({"params": params}, hidden,
+                                  method=lambda m, h: m.backbone.logits(h)))
+  words, margins = (np.asarray(x) for x in rows.greedy_verdicts(model, params, inputs, batch,
+                                                                index))
+  for b in range(3):
+    for place in range(3):
+      row = _plain_piece(rows, batch, b, place, int(index[b, place]))
+      plain = _plain_logits(model, params, row)[-2]  # The tag's last token.
+      np.testing.assert_allclose(logits[b, tag_slots[place]], plain, atol=1e-4, rtol=0)
+      match, no = plain[rows.verdict_words]
+      np.testing.assert_allclose(margins[b, place], match - no, atol=1e-4)
+    best = int(np.argmax(margins[b]))
+    assert words[b].tolist() == [int(rows.verdict_words[0 if p == best else 1])
+                                 for p in range(3)]
+  # The answer sees every piece: another candidate's block changes its logits.
+  other = index.at[:, 0].set(index[:, 1])
+  moved, _ = rows.hidden(model, params, inputs, batch, other, ids, mask, verdicts)
+  assert np.abs(np.asarray(moved[:, -1] - hidden[:, -1])).max() > 1e-3
+
+
+def test_a_parallel_list_of_one_is_a_plain_row_asking_after_match(setup):
+  """With one piece nothing runs in parallel: the row is the plain sequence of its tokens,
+  the verdicts written in order after the pieces, then the question and the answer."""
+  tok, batches, model, params = setup
+  batch = batches[0]
+  rows = pointing.PointRows(tok, 64, K, workspace=True, tag=True, parallel=True)
+  index = jnp.asarray([[2], [1], [3]], jnp.int32)
+  target = jnp.zeros(3, jnp.int32)
+  ids, mask = rows.targets(target)
+  inputs = reranker.encode_batch(model, params, batch)
+  verdicts = rows.true_verdicts(target, 1)
+  hidden, _ = rows.hidden(model, params, inputs, batch, index, ids, mask, verdicts)
+  logits = np.asarray(model.apply({"params": params}, hidden,
+                                  method=lambda m, h: m.backbone.logits(h)))
+  for b in range(3):
+    piece, pixels, grids = _plain_piece(rows, batch, b, 0, int(index[b, 0]))
+    row = (np.concatenate([piece, rows.tags[0], rows.verdict_words[:1], rows.newline,
+                           rows.texts[2], np.asarray(ids[b])]), pixels, grids)
+    n = ids.shape[1] + 1
+    np.testing.assert_allclose(logits[b, -n:], _plain_logits(model, params, row)[-n:],
+                               atol=1e-4, rtol=0)
 
 
 def test_the_verdict_loss_against_hand_computed_values():

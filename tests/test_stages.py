@@ -192,6 +192,7 @@ def point_run(pretrain_run, workdir):
       "compression.enabled": False, "pretrain.train_vision": False,
       "pretrain.tasks": "relate,point", "pretrain.point_workspace": True,
       "pretrain.point_tag": True, "pretrain.point_verdict_weight": 1.0,
+      "pretrain.point_parallel": True,
       "pretrain.point_curriculum": "2:easy:1,3:all:1,4:all",
       "data.data_dir": os.path.join(workdir, "data")})
   return config, _train(config, "pretrain", train.output_dir(pretrain_run[0], "pretrain"))

@@ -143,13 +143,14 @@ def test_accumulated_micro_batches_equal_one_large_batch(setup):
 
 
 def _pretrain_config(tasks: str, curriculum: str = "", workspace: bool = False,
-                     tag: bool = False, verdict_weight: float = 0.0
+                     tag: bool = False, verdict_weight: float = 0.0, parallel: bool = False
                      ) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "compression": {"max_query_tokens": 64}, "data": {"num_candidates": K},
       "pretrain": {"candidates_per_example": 2, "tasks": tasks, "steps": STEPS,
                    "point_curriculum": curriculum, "point_workspace": workspace,
-                   "point_tag": tag, "point_verdict_weight": verdict_weight}})
+                   "point_tag": tag, "point_verdict_weight": verdict_weight,
+                   "point_parallel": parallel}})
 
 
 @pytest.mark.parametrize("tasks,tag", [("describe,template,point", False),
@@ -187,6 +188,13 @@ def test_pretrain_accumulation_equals_one_large_batch(setup, tasks, tag):
 def test_a_bad_verdict_weight_is_named(setup, tag, weight):
   config = _pretrain_config("relate,point", tag=tag, verdict_weight=weight)
   with pytest.raises(ValueError, match=r"config\.pretrain\.point_verdict_weight"):
+    pretrain.make_step(Reranker(_small_model(), CompressionConfig(enabled=False)), config,
+                       setup.tok, optax.sgd(0.05))
+
+
+def test_parallel_pieces_without_tags_are_named(setup):
+  config = _pretrain_config("relate,point", parallel=True)
+  with pytest.raises(ValueError, match=r"config\.pretrain\.point_parallel"):
     pretrain.make_step(Reranker(_small_model(), CompressionConfig(enabled=False)), config,
                        setup.tok, optax.sgd(0.05))
 

@@ -22,11 +22,19 @@ from retrv_jax.models.rope import get_rope_index, mrope_cos_sin
 from retrv_jax.models.vision import VisionTower
 
 
-def causal_mask(attention_mask: jax.Array) -> jax.Array:
-  """`[b, t, t]` boolean: query i sees valid keys j <= i."""
+def causal_mask(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """`[b, t, t]` boolean: query i sees valid keys j <= i.
+
+  segment_ids `[b, t]` (optional): 0 for shared slots, n > 0 for the slots of parallel
+  piece n, which sees the shared slots before it and its own slots only (a shared slot
+  after the pieces sees them all). The pieces are then computed as if each stood alone.
+  """
   t = attention_mask.shape[-1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  return causal[None] & attention_mask.astype(bool)[:, None, :]
+  mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask.astype(bool)[:, None, :]
+  if segment_ids is None:
+    return mask
+  query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+  return mask & ((query == 0) | (key == 0) | (query == key))
 
 
 def cached_mask(valid: jax.Array, write_index: jax.Array, num_new: int) -> jax.Array:
@@ -90,13 +98,16 @@ class Qwen25VL(nn.Module):
       attention_mask: jax.Array,
       *,
       return_hidden: bool = False,
+      segment_ids: jax.Array | None = None,
   ) -> jax.Array:
-    """Cache-free forward from embeddings `[b, t, d]` and M-RoPE positions `[3, b, t]`.
+    """Cache-free forward from embeddings `[b, t, d]` and M-RoPE positions `[3, b, t]`;
+    `segment_ids [b, t]` mark parallel pieces (`causal_mask`).
 
     Returns logits `[b, t, vocab]`, or final hidden states `[b, t, d]` if `return_hidden`.
     """
     cos, sin = mrope_cos_sin(position_ids, self.config)
-    hidden, _ = self.language_model(inputs_embeds, cos, sin, causal_mask(attention_mask))
+    hidden, _ = self.language_model(inputs_embeds, cos, sin,
+                                    causal_mask(attention_mask, segment_ids))
     return hidden if return_hidden else self.logits(hidden)
 
   def __call__(

@@ -24,6 +24,20 @@ list instead of one answer. At evaluation the model writes them itself
 at once, but a tag that sees the true verdicts before it can say "no" once " match" has
 been written, so the verdicts learn a count more than a judgement and do not hold on new
 lists.
+
+With parallel pieces (`pretrain.point_parallel`) each candidate's piece (label, block,
+workspace, tag) starts where the query's part ends and sees only that part and itself
+(`sequences.assemble_parallel`), so its verdict is judged as if the candidate stood alone
+and no tag sees another's verdict. The words are then written in order after the pieces,
+where the answer reads them:
+
+    ... Candidates:\n  Candidate k: [block k]{workspace}\nCandidate k\n   (k = 1..n, parallel)
+    \nCandidate 1no\nCandidate 2 match ...\n Which candidate ...?<|im_end|>\n
+    <|im_start|>assistant\nCandidate [k]<|im_end|>
+
+At evaluation one forward decides every verdict, " match" is written for the candidate the
+tags are surest of and "no" for the others (each training list holds one positive), and
+the answer follows.
 """
 
 from __future__ import annotations
@@ -46,7 +60,10 @@ class PointRows:
   """Builds pointing rows of lists of up to `max_size` candidates for one tokenizer."""
 
   def __init__(self, tokenizer: Tokenizer, query_tokens: int, max_size: int,
-               workspace: bool = False, tag: bool = False):
+               workspace: bool = False, tag: bool = False, parallel: bool = False):
+    if parallel and not tag:
+      raise ValueError("pointing.PointRows: parallel pieces need tags")
+    self.parallel = parallel
     self.texts = sequences.constant_ids(tokenizer, POINT_TEXTS)
     self.labels = sequences.constant_ids(tokenizer,
                                          [f"Candidate {k}: " for k in range(1, max_size + 1)])
@@ -71,6 +88,21 @@ class PointRows:
     self.query_tokens = query_tokens
     self.digits = np.asarray(tokenizer.digit_ids, np.int32)
 
+  @classmethod
+  def from_config(cls, config, tokenizer: Tokenizer, max_size: int) -> PointRows:
+    """The rows `config.pretrain` describes, its pointing fields checked by name."""
+    section = config.pretrain
+    weight = float(section.point_verdict_weight)
+    if weight < 0 or (weight and not section.point_tag):
+      raise ValueError(f"config.pretrain.point_verdict_weight = {weight}: expected >= 0, "
+                       "and 0 unless config.pretrain.point_tag (the verdict is read at the tags)")
+    if section.point_parallel and not section.point_tag:
+      raise ValueError("config.pretrain.point_parallel = True needs config.pretrain.point_tag "
+                       "(the answer reads the pieces' written verdicts)")
+    return cls(tokenizer, config.compression.max_query_tokens, max_size,
+               workspace=bool(section.point_workspace), tag=bool(section.point_tag),
+               parallel=bool(section.point_parallel))
+
   def targets(self, target: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`[B, L]` answer ids and mask of list places `target [B]` (all False where -1)."""
     ids = jnp.asarray(self.answer_ids)[jnp.maximum(target, 0)]
@@ -88,31 +120,47 @@ class PointRows:
     """Final hidden states `[B, S, D]` of the rows of lists `index [B, n]`, the answer
     (`[B, L]` ids and mask) in the last L slots, and the slots of the tags' last tokens
     `[n]` (static; empty without tags). With tags, `verdicts [B, n]` are the words written
-    after them."""
+    after them (with parallel pieces: after all pieces, each after its tag again)."""
     apply = lambda fn, *a, **kw: model.apply({"params": params}, *a, method=fn, **kw)
     embed = lambda ids: apply(sequences._backbone("embed"), ids)
     b, n = index.shape
-    tag_slots = []
-    segments = [sequences.constant(embed, self.texts[0], b),
-                sequences.query_segment(inputs, batch["query_mask"], self.query_tokens, 1),
-                sequences.constant(embed, self.texts[1], b)]
+    verdict = lambda place: sequences.text_segment(embed(verdicts[:, place: place + 1]),
+                                                   jnp.ones((b, 1), bool))
+    prefix = [sequences.constant(embed, self.texts[0], b),
+              sequences.query_segment(inputs, batch["query_mask"], self.query_tokens, 1),
+              sequences.constant(embed, self.texts[1], b)]
+    width = sum(s.mask.shape[1] for s in prefix)
+    pieces, tag_slots = [], []
     for place in range(n):
-      segments += [sequences.constant(embed, self.labels[place], b),
-                   sequences.block_segment(inputs, index[:, place: place + 1])]
+      piece = [sequences.constant(embed, self.labels[place], b),
+               sequences.block_segment(inputs, index[:, place: place + 1])]
       if self.workspace is not None:
-        segments.append(sequences.constant(embed, self.workspace, b))
+        piece.append(sequences.constant(embed, self.workspace, b))
       if self.tags is not None:
-        segments.append(sequences.constant(embed, self.tags[place], b))
-        tag_slots.append(sum(s.mask.shape[1] for s in segments) - 1)
-        segments.append(sequences.text_segment(embed(verdicts[:, place: place + 1]),
-                                               jnp.ones((b, 1), bool)))
-      segments.append(sequences.constant(embed, self.newline, b))
-    segments.append(sequences.constant(embed, self.texts[2], b))
+        piece.append(sequences.constant(embed, self.tags[place], b))
+        tag_slots.append(width + sum(s.mask.shape[1] for s in piece) - 1)
+        if not self.parallel:
+          piece.append(verdict(place))
+      piece.append(sequences.constant(embed, self.newline, b))
+      width += sum(s.mask.shape[1] for s in piece)
+      pieces.append(piece)
+    suffix = []
+    if self.parallel:  # The verdicts, in order, where the answer reads them.
+      for place in range(n):
+        suffix += [sequences.constant(embed, self.tags[place], b), verdict(place)]
+      suffix.append(sequences.constant(embed, self.newline, b))
+    suffix.append(sequences.constant(embed, self.texts[2], b))
     if answer_ids.shape[1]:
-      segments.append(sequences.text_segment(embed(answer_ids), answer_mask))
-    embeds, positions, seq_mask = sequences.assemble(segments)
+      suffix.append(sequences.text_segment(embed(answer_ids), answer_mask))
+    if self.parallel:
+      embeds, positions, seq_mask, segment_ids = sequences.assemble_parallel(prefix, pieces,
+                                                                             suffix)
+    else:
+      segment_ids = None
+      embeds, positions, seq_mask = sequences.assemble(
+          [*prefix, *(seg for piece in pieces for seg in piece), *suffix])
     hidden = apply(sequences._backbone("forward_embeds"), embeds, positions, seq_mask,
-                   return_hidden=True)
+                   return_hidden=True, segment_ids=segment_ids)
     return hidden, np.asarray(tag_slots, np.int32)
 
   def loss(self, model, params, inputs: RerankInputs, batch, index: jax.Array,
@@ -143,6 +191,15 @@ class PointRows:
     b, n = index.shape
     empty = jnp.zeros((b, 0), jnp.int32)
     words = jnp.asarray(self.verdict_words)
+    if self.parallel:  # No tag sees another piece's word: one forward decides them all.
+      hidden, tag_slots = self.hidden(model, params, inputs, batch, index, empty,
+                                      empty.astype(bool), jnp.full((b, n), words[1], jnp.int32))
+      logits = model.apply({"params": params}, hidden[:, tag_slots],
+                           method=sequences._backbone("logits"))
+      pair = logits[..., words].astype(jnp.float32)
+      margins = pair[..., 0] - pair[..., 1]
+      best = jnp.arange(n)[None] == jnp.argmax(margins, axis=-1)[:, None]
+      return jnp.where(best, words[0], words[1]).astype(jnp.int32), margins
 
     def decide(place, carry):
       verdicts, margins = carry

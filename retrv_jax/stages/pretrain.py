@@ -64,13 +64,8 @@ def make_step(model: Reranker, config: ml_collections.ConfigDict, tokenizer: Tok
   k = config.data.num_candidates
   rungs = lists.parse(config.pretrain.point_curriculum or f"{k}:all", num_candidates=k,
                       steps=int(config.pretrain.steps), field="config.pretrain.point_curriculum")
-  point = pointing.PointRows(tokenizer, config.compression.max_query_tokens,
-                             max(r.size for r in rungs), workspace=config.pretrain.point_workspace,
-                             tag=config.pretrain.point_tag)
+  point = pointing.PointRows.from_config(config, tokenizer, max(r.size for r in rungs))
   verdict_weight = float(config.pretrain.point_verdict_weight)
-  if verdict_weight < 0 or (verdict_weight and not config.pretrain.point_tag):
-    raise ValueError(f"config.pretrain.point_verdict_weight = {verdict_weight}: expected >= 0, "
-                     "and 0 unless config.pretrain.point_tag (the verdict is read at the tags)")
 
   def sample(rung: lists.Rung):
     def draw(stacked, key):

@@ -54,14 +54,41 @@ def text_segment(embeds: jax.Array, mask: jax.Array) -> Segment:
 
 def assemble(segments: Sequence[Segment]) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Concatenates segments: embeds `[N, S, D]`, positions `[3, N, S]`, mask `[N, S]`."""
-  start = jnp.zeros(segments[0].mask.shape[0], jnp.int32)
-  positions = []
-  for seg in segments:
-    positions.append(jnp.where(seg.mask, start[:, None] + seg.offsets, 0))
+  return assemble_parallel(segments, (), ())[:3]
+
+
+def assemble_parallel(prefix: Sequence[Segment], pieces: Sequence[Sequence[Segment]],
+                      suffix: Sequence[Segment]
+                      ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`assemble` for a prefix, parallel pieces and a suffix, plus segment ids `[N, S]`
+  (`qwen2_5_vl.causal_mask`): every piece starts at the position where the prefix ends and
+  sees only the prefix and itself (piece n has id n + 1), as if it stood alone after the
+  prefix; the suffix continues past the longest piece and sees everything."""
+  start = jnp.zeros(prefix[0].mask.shape[0], jnp.int32)
+  positions, ids = [], []
+
+  def place(seg: Segment, at: jax.Array, segment_id: int) -> None:
+    positions.append(jnp.where(seg.mask, at[:, None] + seg.offsets, 0))
+    ids.append(jnp.full(seg.mask.shape, segment_id, jnp.int32))
+
+  for seg in prefix:
+    place(seg, start, 0)
     start = start + seg.advance
+  end = start
+  for n, piece in enumerate(pieces):
+    at = start
+    for seg in piece:
+      place(seg, at, n + 1)
+      at = at + seg.advance
+    end = jnp.maximum(end, at)
+  for seg in suffix:
+    place(seg, end, 0)
+    end = end + seg.advance
+  segments = [*prefix, *(seg for piece in pieces for seg in piece), *suffix]
   return (jnp.concatenate([s.embeds for s in segments], axis=1),
           jnp.concatenate(positions, axis=2),
-          jnp.concatenate([s.mask for s in segments], axis=1))
+          jnp.concatenate([s.mask for s in segments], axis=1),
+          jnp.concatenate(ids, axis=1))
 
 
 def compact(embeds: jax.Array, positions: jax.Array, mask: jax.Array
