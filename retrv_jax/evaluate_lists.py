@@ -22,7 +22,10 @@ With tags (`pretrain.point_tag`) the model first writes a verdict after each can
 then answers; also:
 
   verdict_recall@1          the candidate whose verdict was surest of " match" is the positive
-  verdict_one_match         lists where exactly one verdict says " match"
+                            (and its breakdown: verdict_recall@1/task{t}, /with_hard,
+                            /without_hard, verdict_wrong_hard, verdict_wrong_easy)
+  verdict_one_match         lists where exactly one verdict says " match" (with parallel
+                            pieces, all: " match" is written for the surest only)
   verdict_matches_per_list  verdicts saying " match", on average
 """
 
@@ -88,14 +91,30 @@ def evaluate_lists(model: Reranker, params: Any, batches: Iterable[dict],
 
 def summarize(table: dict[str, np.ndarray]) -> dict[str, float]:
   """Metrics from per-query `answer` (1-based label, 0: none), `gt_index`, `task_id` and
-  `hard_negative_mask [N, K]`."""
-  answer, gt, hard = table["answer"], table["gt_index"], table["hard_negative_mask"]
+  `hard_negative_mask [N, K]`; with `verdict_choice` and `verdict_matches`, the same for
+  the verdicts' choice under `verdict_`."""
+  metrics = {"num_examples": float(len(table["answer"])),
+             **_choice_metrics(table["answer"], table)}
+  if "verdict_choice" in table:  # Tagged lists: what the written verdicts say.
+    verdicts = _choice_metrics(table["verdict_choice"], table)
+    metrics.update({f"verdict_{key}": value for key, value in verdicts.items()
+                    if key not in ("no_label", "top_answer_share")})
+    matches = table["verdict_matches"]
+    metrics["verdict_one_match"] = np.mean(matches == 1)
+    metrics["verdict_matches_per_list"] = np.mean(matches)
+  return {key: float(value) for key, value in metrics.items()}
+
+
+def _choice_metrics(answer: np.ndarray, table: dict[str, np.ndarray]) -> dict[str, float]:
+  """Recall@1 of 1-based labels `answer [N]` overall, per task and with / without a hard
+  negative in the list, and what the wrong ones name."""
+  gt, hard = table["gt_index"], table["hard_negative_mask"]
   n, k = hard.shape
   correct = answer == gt + 1
   labelled = (answer >= 1) & (answer <= k)
   picked_hard = labelled & hard[np.arange(n), np.clip(answer - 1, 0, k - 1)]
   has_hard = hard.any(axis=1)
-  metrics = {"recall@1": correct.mean(), "num_examples": float(n),
+  metrics = {"recall@1": correct.mean(),
              "wrong_hard": np.mean(~correct & picked_hard),
              "wrong_easy": np.mean(~correct & labelled & ~picked_hard),
              "no_label": np.mean(~labelled),
@@ -105,12 +124,7 @@ def summarize(table: dict[str, np.ndarray]) -> dict[str, float]:
       metrics[f"recall@1/{name}"] = correct[rows].mean()
   for task in np.unique(table["task_id"]):
     metrics[f"recall@1/task{int(task)}"] = correct[table["task_id"] == task].mean()
-  if "verdict_choice" in table:  # Tagged lists: what the written verdicts say.
-    metrics["verdict_recall@1"] = np.mean(table["verdict_choice"] == gt + 1)
-    matches = table["verdict_matches"]
-    metrics["verdict_one_match"] = np.mean(matches == 1)
-    metrics["verdict_matches_per_list"] = np.mean(matches)
-  return {key: float(value) for key, value in metrics.items()}
+  return metrics
 
 
 def evaluate_lists_config(config, model: Reranker, params: Any, tokenizer, mesh

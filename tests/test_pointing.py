@@ -264,6 +264,23 @@ def test_list_choice_metrics_from_hand_counted_answers():
   assert metrics["top_answer_share"] == pytest.approx(2 / 6)
 
 
+def test_the_verdicts_choice_is_broken_down_like_the_answer():
+  hard = np.zeros((4, 3), bool)
+  hard[:2, 2] = True  # Rows 0-1 hold a hard negative (candidate 3).
+  table = {"answer": np.array([1, 1, 1, 1]), "gt_index": np.array([0, 1, 2, 0]),
+           "task_id": np.array([0, 0, 3, 3]), "hard_negative_mask": hard,
+           "verdict_choice": np.array([1, 3, 3, 2]), "verdict_matches": np.array([1, 1, 2, 0])}
+  metrics = evaluate_lists.summarize(table)
+  assert metrics["recall@1"] == pytest.approx(2 / 4)
+  assert metrics["verdict_recall@1"] == pytest.approx(2 / 4)  # Rows 0 and 2.
+  assert metrics["verdict_wrong_hard"] == pytest.approx(1 / 4)  # Row 1 chose candidate 3.
+  assert metrics["verdict_wrong_easy"] == pytest.approx(1 / 4)  # Row 3.
+  assert metrics["verdict_recall@1/with_hard"] == pytest.approx(1 / 2)
+  assert metrics["verdict_recall@1/task3"] == pytest.approx(1 / 2)
+  assert metrics["verdict_one_match"] == pytest.approx(2 / 4)
+  assert metrics["verdict_matches_per_list"] == pytest.approx(1.0)
+
+
 def test_list_choice_scores_the_greedy_answers_of_every_test_query(setup):
   tok, batches, model, params = setup
   rows = pointing.PointRows(tok, 64, K, workspace=False)
