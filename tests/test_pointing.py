@@ -146,20 +146,29 @@ def _plain_piece(rows: pointing.PointRows, batch, b: int, place: int, k: int):
           np.concatenate([g for _, g in pixels]))
 
 
+def _parallel_row(setup, index, target):
+  """Parallel rows of lists `index` (batch 0) with their true verdicts and answers: the
+  rows, the batch's encoding, (ids, mask, verdicts) and (hidden, tag slots, logits)."""
+  tok, batches, model, params = setup
+  rows = pointing.PointRows(tok, 64, K, workspace=True, tag=True, parallel=True)
+  ids, mask = rows.targets(target)
+  inputs = reranker.encode_batch(model, params, batches[0])
+  verdicts = rows.true_verdicts(target, index.shape[1])
+  hidden, tag_slots = rows.hidden(model, params, inputs, batches[0], index, ids, mask,
+                                  verdicts)
+  logits = np.asarray(model.apply({"params": params}, hidden,
+                                  method=lambda m, h: m.backbone.logits(h)))
+  return rows, inputs, (ids, mask, verdicts), (hidden, tag_slots, logits)
+
+
 def test_parallel_pieces_equal_each_piece_alone(setup):
   """Each parallel piece's tag computes what the prefix and that piece alone compute; the
   greedy verdicts are one forward's margins, " match" written at the largest."""
-  tok, batches, model, params = setup
+  _, batches, model, params = setup
   batch = batches[0]
-  rows = pointing.PointRows(tok, 64, K, workspace=True, tag=True, parallel=True)
   index = jnp.asarray([[2, 0, 3], [1, 3, 0], [3, 2, 1]], jnp.int32)
-  target = jnp.asarray([1, 0, 2], jnp.int32)
-  ids, mask = rows.targets(target)
-  inputs = reranker.encode_batch(model, params, batch)
-  verdicts = rows.true_verdicts(target, 3)
-  hidden, tag_slots = rows.hidden(model, params, inputs, batch, index, ids, mask, verdicts)
-  logits = np.asarray(model.apply({"params": params}, hidden,
-                                  method=lambda m, h: m.backbone.logits(h)))
+  rows, inputs, (ids, mask, verdicts), (hidden, tag_slots, logits) = _parallel_row(
+      setup, index, jnp.asarray([1, 0, 2], jnp.int32))
   words, margins = (np.asarray(x) for x in rows.greedy_verdicts(model, params, inputs, batch,
                                                                 index))
   for b in range(3):
@@ -178,20 +187,13 @@ def test_parallel_pieces_equal_each_piece_alone(setup):
   assert np.abs(np.asarray(moved[:, -1] - hidden[:, -1])).max() > 1e-3
 
 
-def test_a_parallel_list_of_one_is_a_plain_row_asking_after_match(setup):
+def test_a_parallel_list_of_one_is_a_plain_row(setup):
   """With one piece nothing runs in parallel: the row is the plain sequence of its tokens,
   the verdicts written in order after the pieces, then the question and the answer."""
-  tok, batches, model, params = setup
+  _, batches, model, params = setup
   batch = batches[0]
-  rows = pointing.PointRows(tok, 64, K, workspace=True, tag=True, parallel=True)
   index = jnp.asarray([[2], [1], [3]], jnp.int32)
-  target = jnp.zeros(3, jnp.int32)
-  ids, mask = rows.targets(target)
-  inputs = reranker.encode_batch(model, params, batch)
-  verdicts = rows.true_verdicts(target, 1)
-  hidden, _ = rows.hidden(model, params, inputs, batch, index, ids, mask, verdicts)
-  logits = np.asarray(model.apply({"params": params}, hidden,
-                                  method=lambda m, h: m.backbone.logits(h)))
+  rows, _, (ids, _, _), (_, _, logits) = _parallel_row(setup, index, jnp.zeros(3, jnp.int32))
   for b in range(3):
     piece, pixels, grids = _plain_piece(rows, batch, b, 0, int(index[b, 0]))
     row = (np.concatenate([piece, rows.tags[0], rows.verdict_words[:1], rows.newline,
