@@ -37,7 +37,8 @@ where the answer reads them:
 
 At evaluation one forward decides every verdict, " match" is written for the candidate the
 tags are surest of and "no" for the others (each training list holds one positive), and
-the answer follows.
+the answer follows. Measured (README, list choice): the verdicts hold on new lists and the
+answer learns to name the one marked " match" (Recall@1 0.635 at K = 10 after 301 steps).
 """
 
 from __future__ import annotations
